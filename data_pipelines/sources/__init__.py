@@ -1,0 +1,1 @@
+"""Dataset sources for data_pipelines.build."""

@@ -1,0 +1,1 @@
+"""facemae_jax: masked video autoencoders for facial affect (MAE-DFER, SVFAP) in JAX/Flax."""

@@ -1,0 +1,242 @@
+"""Official PyTorch weights in and out (CHECKPOINTS.md §3-4, FINETUNING.md §6).
+
+* ``torch_to_flax(state_dict, cfg)``: reference state_dict -> Flax parameter tree. Unknown, missing and
+  shape-mismatched keys are an error that lists them all (the reference silently ignores mismatches, QUIRKS Q7).
+* ``flax_to_torch(params, cfg)``: the inverse (PyTorch names and layouts), so a model trained here can be used
+  by the reference code; the round trip is bit-exact.
+* ``pretrain_to_finetune(state_dict, cfg)``: a pre-train checkpoint into a fine-tune model, following the
+  reference loader (strip ``encoder.``, drop decoder / ``encoder_to_decoder`` / ``mask_token`` / the encoder's final
+  ``norm``, fresh ``fc_norm`` + ``head``) — but strict about everything else.
+* ``save_converted`` / ``load_converted``: the on-disk format the trainer and ``predict`` read (orbax params +
+  ``model.json``).
+
+CLI::
+
+    python -m facemae_jax.convert --checkpoint X.pth --model NAME --out DIR [--num_classes K] [--class_names a,b]
+
+Layout rules: Linear ``(out, in)`` <-> Dense ``(in, out)``; Conv3d ``(out, in, t, h, w)`` <-> ``(t, h, w, in, out)``;
+Conv1d ``(out, in, k)`` <-> ``(k, in, out)``; LayerNorm weight <-> scale; everything else is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+from facemae_jax import naming
+from facemae_jax.models.config import ModelConfig
+
+
+class ConversionError(ValueError):
+    """The state_dict does not fit the model; the message lists every offending key."""
+
+
+_TO_FLAX = {2: (1, 0), 3: (2, 1, 0), 5: (2, 3, 4, 1, 0)}
+_TO_TORCH = {2: (1, 0), 3: (2, 1, 0), 5: (4, 3, 0, 1, 2)}
+
+
+def _abstract(cfg: ModelConfig) -> dict:
+    from facemae_jax.models import registry
+
+    return registry.abstract_params(registry.create_model(cfg))
+
+
+def _tied(cfg: ModelConfig) -> dict[str, str]:
+    from facemae_jax.models import registry
+
+    return registry.tied_modules(cfg)
+
+
+def _fmt(title: str, keys: list[str], limit: int = 30) -> str:
+    shown = "\n    ".join(keys[:limit])
+    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"  {title} ({len(keys)}):\n    {shown}{more}"
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, np.ndarray],
+    cfg: ModelConfig,
+    *,
+    allow_missing: tuple[str, ...] = (),
+    source: str = "state_dict",
+) -> tuple[dict, list[str]]:
+    """-> (params, missing keys that matched ``allow_missing`` prefixes). Raises ConversionError otherwise."""
+    abstract = _abstract(cfg)
+    expected = {naming.flax_path_to_torch(p): (p, leaf.shape) for p, leaf in naming.flatten(abstract)}
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    problems: list[str] = []
+
+    # Shared attention modules are listed twice by the reference; keep one copy, check they agree.
+    tie_errors = []
+    for alias, src in _tied(cfg).items():
+        for k in [k for k in sd if k.startswith(alias)]:
+            s = src + k[len(alias):]
+            if s not in sd:
+                tie_errors.append(f"{k} (its tied source {s} is missing)")
+            elif not np.array_equal(sd[k], sd[s]):
+                tie_errors.append(f"{k} differs from tied {s}")
+            del sd[k]
+    if tie_errors:
+        problems.append(_fmt("tied (shared) tensors inconsistent", tie_errors))
+
+    missing = sorted(set(expected) - set(sd))
+    allowed = [k for k in missing if k.startswith(allow_missing)] if allow_missing else []
+    missing = [k for k in missing if k not in allowed]
+    unexpected = sorted(set(sd) - set(expected))
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    mismatched = []
+    for key in sorted(set(sd) & set(expected)):
+        path, shape = expected[key]
+        arr = sd[key]
+        if path[-1] == "kernel" and arr.ndim in _TO_FLAX:
+            arr = arr.transpose(_TO_FLAX[arr.ndim])
+        if tuple(arr.shape) != tuple(shape):
+            mismatched.append(f"{key}: checkpoint {tuple(sd[key].shape)} -> {tuple(arr.shape)}, model {tuple(shape)}")
+            continue
+        flat[path] = np.ascontiguousarray(arr)
+    if missing:
+        problems.append(_fmt("missing in checkpoint", missing))
+    if unexpected:
+        problems.append(_fmt("unexpected in checkpoint", unexpected))
+    if mismatched:
+        problems.append(_fmt("shape mismatch", mismatched))
+    if problems:
+        raise ConversionError(f"{source} does not fit model (family={cfg.family}, mode={cfg.mode}, "
+                              f"embed_dim={cfg.embed_dim}):\n" + "\n".join(problems))
+    return naming.unflatten(flat), allowed
+
+
+def flax_to_torch(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Flax params -> reference state_dict (names, layouts, and duplicated entries of shared modules)."""
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in naming.flatten(params):
+        arr = np.asarray(leaf)
+        if path[-1] == "kernel" and arr.ndim in _TO_TORCH:
+            arr = arr.transpose(_TO_TORCH[arr.ndim])
+        out[naming.flax_path_to_torch(path)] = np.ascontiguousarray(arr)
+    for alias, src in _tied(cfg).items():
+        for k in [k for k in out if k.startswith(src)]:
+            out[alias + k[len(src):]] = out[k]
+    return out
+
+
+# Keys of a pre-train checkpoint that the fine-tune model does not use (FINETUNING §6).
+_PRETRAIN_ONLY = ("decoder.", "encoder_to_decoder.", "mask_token", "norm.")
+
+
+def pretrain_to_finetune(
+    state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, *, rng_seed: int = 0, source: str = "checkpoint"
+) -> tuple[dict, dict[str, list[str]]]:
+    """Pre-train (or fine-tune) state_dict -> fine-tune params; ``fc_norm``/``head`` freshly initialised when
+    absent or of another class count. Returns (params, report) with the dropped / initialised keys."""
+    import jax
+
+    from facemae_jax.models import registry
+
+    if cfg.mode != "finetune":
+        raise ValueError("pretrain_to_finetune needs a fine-tune config")
+    sd: dict[str, np.ndarray] = {}
+    for k, v in state_dict.items():
+        for prefix in ("encoder.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        sd[k] = np.asarray(v)
+    dropped = sorted(k for k in sd if k.startswith(_PRETRAIN_ONLY))
+    for k in dropped:
+        del sd[k]
+    fresh = registry.init_params(registry.create_model(cfg), jax.random.key(rng_seed))
+    head_shape = tuple(np.shape(fresh["head"]["kernel"]))[::-1]
+    if "head.weight" in sd and tuple(sd["head.weight"].shape) != head_shape:
+        dropped += ["head.weight", "head.bias"]
+        sd.pop("head.weight")
+        sd.pop("head.bias", None)
+    params, initialised = torch_to_flax(sd, cfg, allow_missing=("fc_norm.", "head."), source=source)
+    flat = dict(naming.flatten(params))
+    wanted = set(initialised)
+    for path, leaf in naming.flatten(fresh):
+        if naming.flax_path_to_torch(path) in wanted:
+            flat[path] = np.asarray(leaf)
+    params = naming.unflatten(flat)
+    return params, {"dropped": dropped, "initialised": sorted(initialised)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# On-disk format of converted / exported models
+# ------------------------------------------------------------------------------------------------------------
+
+MODEL_JSON = "model.json"
+
+
+def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, meta: dict | None = None) -> None:
+    """Write ``out_dir/params`` (orbax) and ``out_dir/model.json`` (config + metadata such as class names)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+    ckptr.wait_until_finished()
+    with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
+        json.dump({"config": cfg.to_dict(), **(meta or {})}, f, indent=2)
+
+
+def load_converted(path: str) -> tuple[dict, ModelConfig, dict]:
+    """Read what ``save_converted`` wrote -> (params as numpy, config, metadata)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    mj = os.path.join(path, MODEL_JSON)
+    if not os.path.exists(mj):
+        raise FileNotFoundError(f"{mj} not found: {path!r} is not a converted model directory")
+    with open(mj) as f:
+        meta = json.load(f)
+    cfg = ModelConfig.from_dict(meta.pop("config"))
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"))
+    return params, cfg, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    from facemae_jax import torch_io
+    from facemae_jax.models import registry
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help=".pth / .npz / .safetensors with a reference state_dict")
+    ap.add_argument("--model", required=True, help=f"registered name, one of {sorted(registry.MODELS)}")
+    ap.add_argument("--out", required=True, help="output directory (orbax params + model.json)")
+    ap.add_argument("--num_classes", type=int, default=None)
+    ap.add_argument("--class_names", default=None, help="comma-separated class names stored as metadata")
+    ap.add_argument("--override", action="append", default=[], help="ModelConfig override key=value (JSON value)")
+    args = ap.parse_args(argv)
+
+    overrides: dict[str, Any] = {}
+    for item in args.override:
+        k, _, v = item.partition("=")
+        overrides[k] = json.loads(v)
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
+    cfg = registry.get_config(args.model, **overrides)
+    sd, info = torch_io.load_state_dict(args.checkpoint)
+    sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+    if cfg.mode == "finetune" and any(k.startswith(("encoder.", "decoder.")) for k in sd):
+        params, report = pretrain_to_finetune(sd, cfg, source=args.checkpoint)
+        print(f"pre-train -> fine-tune: dropped {len(report['dropped'])} keys, initialised {report['initialised']}")
+    else:
+        params, _ = torch_to_flax(sd, cfg, source=args.checkpoint)
+    meta: dict[str, Any] = {"model_name": args.model, "source": os.path.abspath(args.checkpoint)}
+    if "epoch" in info:
+        meta["source_epoch"] = info["epoch"]
+    if args.class_names:
+        meta["class_names"] = args.class_names.split(",")
+    save_converted(args.out, params, cfg, meta)
+    print(f"wrote {args.out}: {registry.count_params(params):,} parameters ({args.model})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
