@@ -52,6 +52,20 @@ def _tied(cfg: ModelConfig) -> dict[str, str]:
     return registry.tied_modules(cfg)
 
 
+def expected_torch_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{reference key: reference shape} of the model's full state_dict, shared modules listed under both names."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path, leaf in naming.flatten(_abstract(cfg)):
+        shape = tuple(leaf.shape)
+        if path[-1] == "kernel" and len(shape) in _TO_TORCH:
+            shape = tuple(shape[i] for i in _TO_TORCH[len(shape)])
+        out[naming.flax_path_to_torch(path)] = shape
+    for alias, src in _tied(cfg).items():
+        for k in [k for k in out if k.startswith(src)]:
+            out[alias + k[len(src):]] = out[k]
+    return out
+
+
 def _fmt(title: str, keys: list[str], limit: int = 30) -> str:
     shown = "\n    ".join(keys[:limit])
     more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""

@@ -70,8 +70,7 @@ def config_from_meta(meta: dict[str, Any]):
         cfg["family"] = {"local_global": "lgi", "joint": "vit"}[attn_type]
     elif "family" not in cfg:
         cfg["family"] = "vit"  # MAE-DFER class default attn_type is 'joint'
-    if kwargs.pop("decoder_num_classes", None) not in (None, cfg.get("tubelet_size", 2) * 16 * 16 * 3) and False:
-        pass
+    decoder_out = kwargs.pop("decoder_num_classes", None)
     norm = kwargs.pop("norm_layer", None)
     if norm is not None and "1e-6" not in str(norm) and "1e-06" not in str(norm):
         raise ValueError(f"unsupported norm_layer {norm!r} (all models use LayerNorm eps=1e-6)")
@@ -83,8 +82,6 @@ def config_from_meta(meta: dict[str, Any]):
         elif k in _NEUTRAL:
             if v not in (_NEUTRAL[k], None) and not (k == "init_values" and not v):
                 raise ValueError(f"reference kwarg {k}={v!r} is not supported by this port")
-        elif k in ("decoder_num_classes", "num_classes") and mode == "pretrain":
-            continue
         else:
             raise ValueError(f"unknown reference constructor kwarg {k}={v!r}")
     if mode == "pretrain":
@@ -99,7 +96,10 @@ def config_from_meta(meta: dict[str, Any]):
     merged = {**defaults, **cfg}
     if merged["family"] == "tpsbt" and "depth" not in kwargs:
         merged["depth"] = sum(merged["stage_depths"])
-    return ModelConfig.from_dict(merged)
+    result = ModelConfig.from_dict(merged)
+    if decoder_out is not None and decoder_out != result.patch_dim:
+        raise ValueError(f"decoder_num_classes={decoder_out} but the token holds {result.patch_dim} values")
+    return result
 
 
 def load_input(path: str, z: Any, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,16 +164,21 @@ def check_file(path: str) -> tuple[dict[str, float], str]:
 
     errs: dict[str, float] = {}
     if cfg.mode == "finetune":
-        (logits, aux), state = model.apply({"params": params}, video, return_aux=True,
-                                           capture_intermediates=capture, mutable=["intermediates"])
+        fwd = jax.jit(lambda p, v: model.apply({"params": p}, v, return_aux=True, capture_intermediates=capture,
+                                               mutable=["intermediates"]))
+        (logits, aux), state = fwd(params, video)
         errs["output"] = rel(logits, z["output"])
         for k in ("features", "pooled"):
             if k in z.files:
                 errs[k] = rel(aux[k], z[k])
     else:
         mask = z["mask"].astype(bool)
-        (pred, aux), state = model.apply({"params": params}, video, mask, return_aux=True,
-                                         capture_intermediates=capture, mutable=["intermediates"])
+        from facemae_jax.models.mae import check_mask
+
+        check_mask(cfg, mask)  # under jit the model cannot check a traced mask
+        fwd = jax.jit(lambda p, v, m: model.apply({"params": p}, v, m, return_aux=True,
+                                                  capture_intermediates=capture, mutable=["intermediates"]))
+        (pred, aux), state = fwd(params, video, jnp.asarray(mask))
         pred = np.asarray(pred)
         frame_diff = bool(meta.get("loss_settings", {}).get("use_frame_diff_as_target", False))
         pixels01 = targets.denormalize_video(video, jnp.asarray(mean), jnp.asarray(std))

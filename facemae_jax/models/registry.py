@@ -98,8 +98,8 @@ def example_inputs(cfg: ModelConfig, batch: int = 1, seed: int = 0) -> tuple[np.
 
 def init_params(model: nn.Module, rng: jax.Array, batch: int = 1) -> dict:
     """Real (unboxed) parameters, initialised as the reference does."""
-    variables = model.init({"params": rng, "dropout": rng}, *example_inputs(model.cfg, batch))
-    return nn.meta.unbox(variables["params"])
+    init = jax.jit(lambda r, *xs: model.init({"params": r, "dropout": r}, *xs))
+    return nn.meta.unbox(init(rng, *example_inputs(model.cfg, batch))["params"])
 
 
 def abstract_variables(model: nn.Module) -> dict:
