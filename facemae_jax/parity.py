@@ -94,8 +94,6 @@ def config_from_meta(meta: dict[str, Any]):
             cfg["mask_kind"] = "tube_window" if cfg["family"] == "lgi" else "tube"
     defaults = ModelConfig(family=cfg["family"], mode=mode).to_dict()
     merged = {**defaults, **cfg}
-    if merged["family"] == "tpsbt" and "depth" not in kwargs:
-        merged["depth"] = sum(merged["stage_depths"])
     result = ModelConfig.from_dict(merged)
     if decoder_out is not None and decoder_out != result.patch_dim:
         raise ValueError(f"decoder_num_classes={decoder_out} but the token holds {result.patch_dim} values")
