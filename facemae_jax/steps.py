@@ -1,0 +1,131 @@
+"""Pure step functions (jit-compiled by the trainer): pre-train, fine-tune and eval.
+
+State is a plain dict ``{"params", "opt_state", "step"}`` (orbax saves it as is). Each training step derives its
+random key from ``(seed, step)``, so a resumed run draws exactly the keys an uninterrupted one would.
+
+A non-finite loss does not corrupt the state: the update is skipped inside the step (params and optimiser state
+stay as they were) and ``metrics["finite"]`` is False; the trainer stops with a message at the next check, so the
+last saved checkpoint and the state in memory are both the last good ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from facemae_jax import augment, targets
+from facemae_jax.models.config import ModelConfig
+from facemae_jax.models.mae import num_visible_tokens, split_mask
+
+
+def _finish(state: dict, grads: Any, loss: jax.Array, tx: optax.GradientTransformation, extra: dict) -> tuple:
+    finite = jnp.isfinite(loss)
+    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = {
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "step": state["step"] + 1,
+    }
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite, **extra}
+    return new_state, metrics
+
+
+def make_pretrain_step(model, cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, *,
+                       frame_diff: bool, diff_weight: float | None = None) -> Callable:
+    """batch: {"video": uint8 [B,T,H,W,3], "mask": bool [B,N]} -> (state, metrics). Targets come from the uint8
+    pixels / 255 (the reference recovers the same values as x*std + mean, up to float rounding)."""
+    nv = num_visible_tokens(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        pixels = batch["video"]
+        x = targets.normalize_video(pixels).astype(dtype)
+        _, mask_idx = split_mask(batch["mask"], nv)
+        tgt = targets.reconstruction_targets(pixels.astype(jnp.float32) / 255.0, mask_idx, patch=cfg.patch_size,
+                                             tubelet=cfg.tubelet_size, frame_diff=frame_diff)
+
+        def loss_fn(params):
+            pred = model.apply({"params": params}, x, batch["mask"], train=True, rngs={"dropout": rng})
+            return targets.reconstruction_loss(pred, tgt, diff_weight)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        return _finish(state, grads, loss, tx, {})
+
+    return step
+
+
+def classification_loss(logits: jax.Array, soft_targets: jax.Array) -> jax.Array:
+    """Soft-target cross entropy, mean over the batch (timm SoftTargetCrossEntropy)."""
+    return jnp.mean(jnp.sum(-soft_targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1))
+
+
+def make_finetune_step(model, cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, *,
+                       task: str = "classification", label_smoothing: float = 0.1, mixup: dict | None = None,
+                       regression_loss: str = "mse") -> Callable:
+    """batch: {"video": uint8, "label": int32 [B] | float32 [B,K], "erase_box": int32 [B,4]} -> (state, metrics)."""
+    dtype = jnp.dtype(cfg.dtype)
+
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        k_erase, k_mix, k_drop = jax.random.split(rng, 3)
+        x = targets.normalize_video(batch["video"])
+        if "erase_box" in batch:
+            x = augment.random_erase(x, batch["erase_box"], k_erase)
+        extra = {}
+        if task == "classification":
+            y = augment.smoothed_one_hot(batch["label"], cfg.num_classes, label_smoothing)
+            if mixup:
+                x, y, info = augment.mixup_cutmix(x, y, k_mix, **mixup)
+                extra["mix_lambda"] = info["mix_lambda"]
+        else:
+            y = batch["label"].astype(jnp.float32)
+        x = x.astype(dtype)
+
+        def loss_fn(params):
+            out = model.apply({"params": params}, x, train=True, rngs={"dropout": k_drop})
+            if task == "classification":
+                return classification_loss(out, y)
+            if regression_loss == "mse":
+                return jnp.mean(jnp.square(out - y))
+            if regression_loss == "l1":
+                return jnp.mean(jnp.abs(out - y))
+            raise ValueError(f"unknown regression_loss {regression_loss!r}")
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        return _finish(state, grads, loss, tx, extra)
+
+    return step
+
+
+def make_eval_step(model, cfg: ModelConfig) -> Callable:
+    """(params, batch) -> per-view logits (classification; softmax + view averaging happen on the host) or
+    predictions (regression)."""
+    dtype = jnp.dtype(cfg.dtype)
+
+    def step(params, batch):
+        x = targets.normalize_video(batch["video"]).astype(dtype)
+        return model.apply({"params": params}, x, train=False).astype(jnp.float32)
+
+    return step
+
+
+def make_pretrain_eval_step(model, cfg: ModelConfig, *, frame_diff: bool) -> Callable:
+    """(params, batch) -> (loss, predictions) without dropout, for the reconstruction figure and eval loss."""
+    nv = num_visible_tokens(cfg)
+
+    def step(params, batch):
+        pixels = batch["video"]
+        x = targets.normalize_video(pixels).astype(jnp.dtype(cfg.dtype))
+        _, mask_idx = split_mask(batch["mask"], nv)
+        tgt = targets.reconstruction_targets(pixels.astype(jnp.float32) / 255.0, mask_idx, patch=cfg.patch_size,
+                                             tubelet=cfg.tubelet_size, frame_diff=frame_diff)
+        pred = model.apply({"params": params}, x, batch["mask"], train=False)
+        return targets.reconstruction_loss(pred, tgt), pred
+
+    return step

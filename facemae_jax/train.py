@@ -1,0 +1,473 @@
+"""The trainer: pre-training, fine-tuning and evaluation from one config (read top to bottom).
+
+``run(config, workdir, mode)`` is what ``launch.py`` calls. One code path from one CPU to a pod:
+
+1. mesh ('data', 'fsdp') from ``config.mesh``; parameters / optimiser state sharded by ``config.sharding_rules``;
+   batches sharded over both axes, each process feeding its own rows;
+2. grain pipeline for this process's share of every global batch (``data_pipelines.pipeline``);
+3. state = params + optimiser state + step, created directly with its shardings (or restored by orbax onto the
+   current mesh, whatever mesh it was saved from); the data iterator position is restored with it, so resuming is
+   exact;
+4. jit-compiled step with donated state; metrics fetched one step late (no pipeline stall) and checked for NaN;
+5. asynchronous checkpoints every ``checkpoint.every_steps`` and at the end; TensorBoard scalars; eval (multi-view
+   metrics) or, for pre-training, a reconstruction figure every ``eval_every_steps``;
+6. at the end the model is exported to ``workdir/export`` (orbax params + model.json with class names, sampling
+   rate), the format ``predict`` / ``extract`` / ``--mode=eval`` / a later fine-tuning run read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import linen as nn
+
+from data_pipelines import pipeline as pipelines
+from facemae_jax import checkpoint as ckpt_lib
+from facemae_jax import convert, evaluate, optim, sharding, steps
+from facemae_jax.models import registry
+from facemae_jax.models.config import ModelConfig
+
+
+class TrainingDiverged(FloatingPointError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Setup helpers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def model_config(config) -> ModelConfig:
+    return registry.get_config(config.model.name, **dict(config.model.get("overrides", {}) or {}))
+
+
+def ensure_dataset(config) -> str:
+    """The dataset directory, built first when the config says how (the demo's synthetic data)."""
+    d = os.path.abspath(os.path.expanduser(config.data.dir))
+    if os.path.exists(os.path.join(d, "dataset_info.json")):
+        return d
+    synth = config.data.get("synthetic")
+    if synth:
+        from data_pipelines import synthetic
+
+        logging.info("dataset %s not found: generating the synthetic face-expression dataset there", d)
+        print(f"[data] {d} not found: generating synthetic face-expression videos ({dict(synth)})", flush=True)
+        t0 = time.time()
+        synthetic.build_dataset(d, **dict(synth))
+        print(f"[data] generated in {time.time() - t0:.0f}s", flush=True)
+        return d
+    raise FileNotFoundError(
+        f"dataset directory {d!r} has no dataset_info.json. Build it first, e.g.\n"
+        f"  python -m data_pipelines.build {config.data.get('builder', 'NAME')} --out {d} ...\n"
+        "(see README 'Data'), or point --config.data.dir at an existing one."
+    )
+
+
+def dataset_info(data_dir: str) -> dict:
+    with open(os.path.join(data_dir, "dataset_info.json")) as f:
+        return json.load(f)
+
+
+def loader_options(config) -> pipelines.LoaderOptions:
+    return pipelines.LoaderOptions(
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        worker_count=config.data.get("worker_count", 0),
+        read_threads=config.data.get("read_threads", 1),
+        prefetch_batches=config.data.get("prefetch_batches", 2),
+    )
+
+
+def local_batch_size(global_batch: int, mesh) -> int:
+    div = sharding.global_batch_divisor(mesh)
+    if global_batch % div:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {div} devices of the batch axes")
+    if global_batch % jax.process_count():
+        raise ValueError(f"global batch {global_batch} not divisible by {jax.process_count()} processes")
+    return global_batch // jax.process_count()
+
+
+def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int) -> pipelines.Pipeline:
+    d = config.data
+    opts = loader_options(config)
+    if config.task == "pretrain":
+        return pipelines.pretrain_pipeline(
+            data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
+            sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
+            tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
+            mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
+            num_samples=d.get("num_samples", 1), fixed_crop_size=d.get("fixed_crop_size"),
+            multiscale_scales=tuple(d.get("multiscale_scales", (1.0, 0.875, 0.75, 0.66))) or None,
+            multiscale_resize=d.get("multiscale_resize", "pil"), options=opts,
+        )
+    return pipelines.finetune_train_pipeline(
+        data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
+        sampling_rate=d.sampling_rate, image_size=cfg.img_size, rand_augment=d.get("rand_augment") or None,
+        crop_scale=tuple(d.crop_scale) if d.get("crop_scale") else None,
+        flip_probability=d.get("flip_probability", 0.5), erase_probability=d.get("erase_probability", 0.25),
+        options=opts,
+    )
+
+
+def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str) -> pipelines.Pipeline:
+    d = config.data
+    return pipelines.eval_pipeline(
+        data_dir, split=split, batch_size=config.eval.batch_size // jax.process_count(), num_frames=cfg.num_frames,
+        sampling_rate=d.sampling_rate, image_size=cfg.img_size, num_segments=config.eval.num_segments,
+        num_crops=config.eval.num_crops, options=loader_options(config),
+    )
+
+
+def schedule_and_optimizer(config, cfg: ModelConfig, abstract_params, steps_per_epoch: int, global_batch: int):
+    o = config.optim
+    total = int(o.get("total_steps") or o.epochs * steps_per_epoch)
+    warmup = int(o.get("warmup_steps") or o.warmup_epochs * steps_per_epoch)
+    peak = optim.scaled_lr(o.base_lr, global_batch)
+    min_lr = optim.scaled_lr(o.min_lr, global_batch)
+    table = optim.warmup_cosine_table(peak, min_lr, warmup, total)
+    frozen = None
+    if config.task == "pretrain" and cfg.family == "tpsbt" and cfg.svfap_reverse_ctx == "full_embedding":
+        frozen = lambda name: optim.svfap_pretrain_unused(name, cfg.stage_depths)  # noqa: E731  (Q4)
+    skip = set(o.get("skip_weight_decay", ()))
+    tx, report = optim.build_optimizer(
+        abstract_params, schedule=optim.schedule_from_table(table), weight_decay=o.weight_decay,
+        betas=tuple(o.betas), eps=o.eps, layer_decay=o.get("layer_decay"),
+        num_layers=cfg.num_blocks if o.get("layer_decay") else None, skip_weight_decay=skip, frozen=frozen,
+        grad_clip=o.get("grad_clip"), corrected_region_token_decay=o.get("corrected_region_token_decay", False),
+        corrected_downsampler_layer_ids=o.get("corrected_downsampler_layer_ids", False),
+        stage_depths=cfg.stage_depths if cfg.family == "tpsbt" else None,
+    )
+    return tx, report, table, total
+
+
+def initial_params(config, cfg: ModelConfig, key) -> dict | None:
+    """Parameters to start fine-tuning from (``config.init_from``), or None for random init."""
+    src = config.get("init_from")
+    if not src:
+        return None
+    src = os.path.abspath(os.path.expanduser(src))
+    if os.path.isdir(src):
+        d = src if os.path.exists(os.path.join(src, convert.MODEL_JSON)) else os.path.join(src, "export")
+        params, src_cfg, _ = convert.load_converted(d)
+        sd = convert.flax_to_torch(params, src_cfg)
+    else:
+        from facemae_jax import torch_io
+
+        sd, _ = torch_io.load_state_dict(src)
+        sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+    if cfg.mode == "finetune":
+        params, report = convert.pretrain_to_finetune(sd, cfg, rng_seed=config.seed, source=src)
+        print(f"[init] {src}: {len(report['dropped'])} keys dropped, initialised {report['initialised']}", flush=True)
+    else:
+        params, _ = convert.torch_to_flax(sd, cfg, source=src)
+        print(f"[init] {src}: all {len(sd)} tensors loaded", flush=True)
+    return params
+
+
+def create_state(model, cfg: ModelConfig, tx, mesh, rules, seed: int, init_params: dict | None):
+    """Fresh train state, created directly with its shardings (no full host copy for random init)."""
+    abstract = registry.abstract_params(model)
+    param_sh = sharding.param_shardings(registry.logical_axes(model), abstract, mesh, rules)
+    example = registry.example_inputs(cfg, batch=1)
+
+    def make(params):
+        params = jax.lax.with_sharding_constraint(params, param_sh)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    if init_params is None:
+        state = jax.jit(lambda key: make(nn.meta.unbox(model.init({"params": key, "dropout": key}, *example)["params"])))(
+            jax.random.key(seed))
+    else:
+        state = jax.jit(make)(jax.device_put(jax.tree_util.tree_map(np.asarray, init_params), param_sh))
+    return state, param_sh
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Logger:
+    """TensorBoard (tensorboardX, no TensorFlow) + a JSON-lines file; only process 0 writes."""
+
+    workdir: str
+
+    def __post_init__(self):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.workdir, "tb"))
+            self.jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, float(v), step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _finetune_kwargs(config) -> dict[str, Any]:
+    f = config.finetune
+    mix = None
+    if f.get("mixup_alpha", 0) > 0 or f.get("cutmix_alpha", 0) > 0:
+        mix = dict(mixup_alpha=f.mixup_alpha, cutmix_alpha=f.cutmix_alpha, prob=f.mixup_prob,
+                   switch_prob=f.switch_prob)
+    return dict(task=config.data.get("task", "classification"), label_smoothing=f.label_smoothing, mixup=mix,
+                regression_loss=f.get("regression_loss", "mse"))
+
+
+def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None) -> dict[str, Any]:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if mode == "eval":
+        return run_eval_only(config, workdir, checkpoint)
+    if mode != "train":
+        raise ValueError(f"unknown mode {mode!r} (train | eval | kfold)")
+    cfg = model_config(config)
+    model = registry.create_model(cfg)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = [tuple(r) for r in config.sharding_rules]
+    data_dir = ensure_dataset(config)
+    info = dataset_info(data_dir)
+    batch = local_batch_size(config.batch_size, mesh)
+    train_pipe = train_pipeline(config, cfg, data_dir, batch)
+    spe = train_pipe.steps_per_epoch
+    if not spe:
+        raise ValueError(f"split {config.data.train_split!r} has fewer clips than one global batch")
+    abstract = registry.abstract_params(model)
+    tx, opt_report, lr_table, total_steps = schedule_and_optimizer(config, cfg, abstract, spe, config.batch_size)
+    stop_at = int(config.optim.get("stop_after_steps") or 0) or (
+        int(config.optim.stop_after_epochs * spe) if config.optim.get("stop_after_epochs") else total_steps)
+    stop_at = min(stop_at, total_steps)
+
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.get("async_save", True))
+    resume_step = ckpt.latest_step()
+    init = initial_params(config, cfg, None) if resume_step is None else None
+    state, param_sh = create_state(model, cfg, tx, mesh, rules, config.seed, init)
+    it = iter(train_pipe)
+    if resume_step is not None:
+        state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        target = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
+        state, data_state, _ = ckpt.restore(target, resume_step)
+        it.set_state(data_state)
+        print(f"[resume] restored step {resume_step} from {ckpt.directory}", flush=True)
+    start = int(jax.device_get(state["step"]))
+
+    task = config.data.get("task", "classification")
+    if config.task == "pretrain":
+        frame_diff = config.pretrain.frame_diff
+        train_step = steps.make_pretrain_step(model, cfg, tx, config.seed, frame_diff=frame_diff,
+                                              diff_weight=config.pretrain.get("diff_weight"))
+    else:
+        train_step = steps.make_finetune_step(model, cfg, tx, config.seed, **_finetune_kwargs(config))
+    train_step = jax.jit(train_step, donate_argnums=0)
+
+    is_main = jax.process_index() == 0
+    if is_main:
+        _write_run_summary(workdir, config, cfg, mesh, opt_report, info, spe, total_steps, stop_at, abstract,
+                           param_sh)
+    logger = Logger(workdir)
+    log_every = config.get("log_every_steps", 50)
+    eval_every = config.get("eval_every_steps", 0)
+    ckpt_every = config.checkpoint.every_steps
+    from tqdm import tqdm
+
+    bar = tqdm(total=stop_at, initial=start, desc=config.task, unit="step", disable=not is_main,
+               dynamic_ncols=True)
+    pending: list[tuple[int, dict]] = []
+    window_losses: list[float] = []
+    t_window, clips_window = time.time(), 0
+    result: dict[str, Any] = {}
+
+    def drain(upto_all: bool) -> None:
+        """Fetch finished steps' metrics (all, or all but the newest) and stop on a non-finite loss."""
+        nonlocal pending
+        keep = 0 if upto_all else 1
+        while len(pending) > keep:
+            s, m = pending.pop(0)
+            m = jax.device_get(m)
+            if not bool(m["finite"]):
+                raise TrainingDiverged(
+                    f"non-finite loss ({float(m['loss'])}) at step {s}: the update was skipped, training stopped. "
+                    f"The last checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is intact; lower the "
+                    "learning rate or check the data, then rerun the same command to resume from it."
+                )
+            window_losses.append(float(m["loss"]))
+            last_metrics.update({k: float(v) for k, v in m.items() if k != "finite"})
+
+    last_metrics: dict[str, float] = {}
+    try:
+        for step in range(start, stop_at):
+            batch_np = next(it)
+            state, m = train_step(state, sharding.put_batch(batch_np, mesh))
+            pending.append((step, m))
+            clips_window += config.batch_size
+            drain(upto_all=False)
+            done = step + 1
+            bar.update(1)
+            if done % log_every == 0 or done == stop_at:
+                drain(upto_all=True)
+                dt = time.time() - t_window
+                vals = {
+                    "train/loss": float(np.mean(window_losses)) if window_losses else float("nan"),
+                    "train/grad_norm": last_metrics.get("grad_norm", float("nan")),
+                    "train/lr": float(lr_table[min(step, len(lr_table) - 1)]),
+                    "perf/clips_per_s": clips_window / max(dt, 1e-9),
+                    "perf/step_time_s": dt / max(len(window_losses), 1),
+                }
+                logger.scalars(done, vals)
+                bar.set_postfix(loss=f"{vals['train/loss']:.4f}", lr=f"{vals['train/lr']:.2e}")
+                window_losses.clear()
+                t_window, clips_window = time.time(), 0
+            if done % ckpt_every == 0 and done != stop_at:
+                drain(upto_all=True)
+                ckpt.save(done, state, it.get_state())
+            if eval_every and done % eval_every == 0 and done != stop_at:
+                drain(upto_all=True)
+                result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, done,
+                                       logger)
+        drain(upto_all=True)
+        ckpt.save(stop_at, state, it.get_state(), force=True)
+        ckpt.wait()
+    finally:
+        bar.close()
+        it.close()
+    if config.get("final_eval", True):
+        result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, stop_at, logger,
+                               final=True)
+    export(workdir, state["params"], cfg, config, info, stop_at)
+    logger.close()
+    ckpt.close()
+    return result
+
+
+def periodic_eval(config, cfg, model, params, mesh, data_dir, info, workdir, step, logger, final=False):
+    out_dir = os.path.join(workdir, "eval")
+    if config.task == "pretrain":
+        return reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, step, logger)
+    task = config.data.get("task", "classification")
+    pipe = eval_pipeline(config, cfg, data_dir, config.data.eval_split)
+    eval_fn = jax.jit(steps.make_eval_step(model, cfg))
+    tag = "final" if final else f"step{step}"
+    res = evaluate.run_eval(eval_fn, params, pipe, mesh, task=task, class_names=info.get("class_names"),
+                            target_names=info.get("target_names"), out_dir=out_dir, tag=tag)
+    if task == "classification":
+        logger.scalars(step, {"eval/uar": res["uar"], "eval/war": res["war"]})
+        if jax.process_index() == 0:
+            print(f"[eval step {step}] {config.data.eval_split}: UAR {100 * res['uar']:.2f}  "
+                  f"WAR {100 * res['war']:.2f}  ({res['num_clips']} clips, "
+                  f"{config.eval.num_segments}x{config.eval.num_crops} views)", flush=True)
+    else:
+        logger.scalars(step, {f"eval/{k}": v for k, v in res.get("mean", {}).items()})
+        if jax.process_index() == 0:
+            print(f"[eval step {step}] {json.dumps(res.get('mean', {}))}", flush=True)
+    return res
+
+
+def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, step, logger):
+    """Eval loss on a fixed batch of the pretrain split + the MAE-DFER-paper style reconstruction figure."""
+    d = config.data
+    n = sharding.global_batch_divisor(mesh)
+    pipe = pipelines.pretrain_pipeline(
+        data_dir, split=d.get("eval_split") or d.train_split, batch_size=n, seed=config.seed + 1,
+        num_frames=cfg.num_frames, sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
+        tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
+        mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
+        fixed_crop_size=d.get("fixed_crop_size"), multiscale_scales=None, options=pipelines.LoaderOptions(),
+    )
+    it = iter(pipe)
+    batch = next(it)
+    it.close()
+    fd = config.pretrain.frame_diff
+    loss, pred = jax.jit(steps.make_pretrain_eval_step(model, cfg, frame_diff=fd))(
+        params, sharding.put_batch(batch, mesh))
+    loss = float(loss)
+    logger.scalars(step, {"eval/recon_loss": loss})
+    res = {"recon_loss": loss}
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"reconstruction_step{step}.png")
+        try:
+            from facemae_jax import visualize
+
+            visualize.reconstruction_figure(batch["video"][0], batch["mask"][0], np.asarray(pred)[0], cfg, fd, path)
+            res["figure"] = path
+        except ImportError as e:  # the figure is a report, not part of training
+            logging.warning("no reconstruction figure: %s", e)
+        print(f"[eval step {step}] reconstruction loss {loss:.4f}" + (f", figure {path}" if "figure" in res else ""),
+              flush=True)
+    return res
+
+
+def export(workdir, params, cfg: ModelConfig, config, info, step) -> None:
+    """Final model in the converted format (orbax params + model.json) for predict / extract / eval / init_from."""
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    if jax.process_index() != 0:
+        return
+    meta = {"model_name": config.model.name, "step": int(step), "task": config.task,
+            "sampling_rate": int(config.data.sampling_rate), "dataset": info.get("name"),
+            "class_names": info.get("class_names"), "target_names": info.get("target_names")}
+    convert.save_converted(os.path.join(workdir, "export"), host, cfg, meta)
+
+
+def run_eval_only(config, workdir: str, checkpoint: str | None) -> dict[str, Any]:
+    """``--mode=eval --checkpoint=X``: X is a workdir (its export/), a converted dir, or an official .pth/.npz."""
+    if not checkpoint:
+        checkpoint = workdir
+    cfg = model_config(config)
+    path = os.path.abspath(os.path.expanduser(checkpoint))
+    if os.path.isdir(path):
+        d = path if os.path.exists(os.path.join(path, convert.MODEL_JSON)) else os.path.join(path, "export")
+        params, ckpt_cfg, _ = convert.load_converted(d)
+        cfg = ckpt_cfg
+    else:
+        from facemae_jax import torch_io
+
+        sd, _ = torch_io.load_state_dict(path)
+        params, _ = convert.torch_to_flax({k: np.asarray(v, np.float32) for k, v in sd.items()}, cfg, source=path)
+    model = registry.create_model(cfg)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = [tuple(r) for r in config.sharding_rules]
+    sh = sharding.param_shardings(registry.logical_axes(model), registry.abstract_params(model), mesh, rules)
+    params = jax.device_put(jax.tree_util.tree_map(np.asarray, params), sh)
+    data_dir = ensure_dataset(config)
+    info = dataset_info(data_dir)
+    logger = Logger(workdir)
+    res = periodic_eval(config, cfg, model, params, mesh, data_dir, info, workdir, 0, logger, final=True)
+    logger.close()
+    return res
+
+
+def _write_run_summary(workdir, config, cfg, mesh, opt_report, info, spe, total, stop_at, abstract, param_sh):
+    n = registry.count_params(abstract)
+    lines = [
+        f"model: {config.model.name} ({cfg.family}, {cfg.mode}) {n:,} parameters",
+        f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es); {sharding.describe(param_sh, abstract)}",
+        f"data: {info.get('name')} split {config.data.train_split!r}, {spe} steps/epoch at global batch "
+        f"{config.batch_size}",
+        f"schedule: {total} steps in total, stopping at {stop_at}",
+        opt_report.summary() if hasattr(opt_report, "summary") else "",
+    ]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(workdir, "run_summary.txt"), "w") as f:
+        f.write(text + "\n")
