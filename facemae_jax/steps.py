@@ -3,7 +3,7 @@
 State is a plain dict ``{"params", "opt_state", "step"}`` (orbax saves it as is). Each training step derives its
 random key from ``(seed, step)``, so a resumed run draws exactly the keys an uninterrupted one would.
 
-A non-finite loss does not corrupt the state: the update is skipped inside the step (params and optimiser state
+A non-finite loss, gradient or update does not corrupt the state: the update is skipped inside the step (params and optimiser state
 stay as they were) and ``metrics["finite"]`` is False; the trainer stops with a message at the next check, so the
 last saved checkpoint and the state in memory are both the last good ones.
 """
@@ -22,16 +22,18 @@ from facemae_jax.models.mae import num_visible_tokens, split_mask
 
 
 def _finish(state: dict, grads: Any, loss: jax.Array, tx: optax.GradientTransformation, extra: dict) -> tuple:
-    finite = jnp.isfinite(loss)
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(grads)
+    # a finite loss can still produce an overflowing update (too high a learning rate): skip that too
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = {
         "params": keep(new_params, state["params"]),
         "opt_state": keep(new_opt, state["opt_state"]),
         "step": state["step"] + 1,
     }
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite, **extra}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **extra}
     return new_state, metrics
 
 

@@ -306,7 +306,8 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
             m = jax.device_get(m)
             if not bool(m["finite"]):
                 raise TrainingDiverged(
-                    f"non-finite loss ({float(m['loss'])}) at step {s}: the update was skipped, training stopped. "
+                    f"non-finite loss/gradient/update at step {s} (loss {float(m['loss'])}, grad norm "
+                    f"{float(m['grad_norm'])}): the update was skipped and training stopped. "
                     f"The last checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is intact; lower the "
                     "learning rate or check the data, then rerun the same command to resume from it."
                 )
