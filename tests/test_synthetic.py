@@ -1,0 +1,203 @@
+"""The procedural face-expression dataset: format, determinism, identity-disjoint splits, and that the task is a
+*video* task (labels live in the dynamics; a single early frame is not enough)."""
+
+import filecmp
+import os
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+
+from data_pipelines import records
+from data_pipelines import synthetic as S
+
+SIZE, FRAMES = 48, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """One small dataset written through the CLI (also writes the contact sheet)."""
+    out = str(tmp_path_factory.mktemp("synthetic") / "ds")
+    S.main(["--out", out, "--seed", "3", "--num_pretrain", "9", "--train_per_class", "2", "--val_per_class", "1",
+            "--test_per_class", "1", "--frames", str(FRAMES), "--size", str(SIZE), "--workers", "1",
+            "--clips_per_shard", "10"])
+    return out
+
+
+def _records_by_split(directory):
+    info = records.load_dataset_info(directory)
+    recs = list(records.read_records([os.path.join(directory, s) for s in info["shards"]]))
+    return info, recs
+
+
+def test_class_names_follow_dfew_order():
+    assert S.CLASS_NAMES == ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
+    assert set(S.PROTOTYPES) == set(S.TIMING) == set(S.CLASS_NAMES)
+
+
+def test_generate_clip_shapes_dtype_and_meta():
+    video, meta = S.generate_clip(np.random.default_rng(0), 4, frames=FRAMES, size=SIZE)
+    assert video.dtype == np.uint8 and video.shape == (FRAMES, SIZE, SIZE, 3)
+    assert meta["expression"] == "surprise" and meta["label"] == 4
+    assert len(meta["envelope"]) == FRAMES and len(meta["mouth_centre_px"]) == FRAMES
+    assert set(meta["action_units"]) == set(S.ACTION_UNITS)
+    assert 0 < meta["intensity"] <= 1
+    msgpack.packb(meta)  # must be storable in a record's extra
+    # unlabelled clips still show some expression, chosen by the generator
+    _, meta_u = S.generate_clip(np.random.default_rng(1), None, frames=FRAMES, size=SIZE)
+    assert meta_u["label"] is None and meta_u["expression"] in S.CLASS_NAMES
+    # neutral has no expression event
+    _, meta_n = S.generate_clip(np.random.default_rng(2), S.CLASS_NAMES.index("neutral"), frames=FRAMES, size=SIZE)
+    assert meta_n["intensity"] == 0 and max(meta_n["envelope"]) == 0 and meta_n["apex_frame"] is None
+    with pytest.raises(ValueError):
+        S.generate_clip(np.random.default_rng(0), 7, frames=FRAMES, size=SIZE)
+
+
+def test_same_seed_same_bytes_different_seed_different():
+    task = S.ClipTask(seed=5, split="train", index=3, label=3, frames=FRAMES, size=SIZE, quality=90)
+    a, b = S.render_record(task), S.render_record(task)
+    assert a == b
+    other_seed = S.render_record(S.ClipTask(6, "train", 3, 3, FRAMES, SIZE, 90))
+    other_index = S.render_record(S.ClipTask(5, "train", 4, 3, FRAMES, SIZE, 90))
+    assert other_seed != a and other_index != a
+    frames_a = records.decode_frames(records.decode_clip(a))
+    frames_b = records.decode_frames(records.decode_clip(other_seed))
+    assert np.abs(frames_a.astype(int) - frames_b.astype(int)).mean() > 5
+
+
+def test_clips_change_over_time():
+    video, meta = S.generate_clip(S.clip_rng(0, "adhoc", 0), S.CLASS_NAMES.index("happy"), frames=16, size=64)
+    temporal_std = video.astype(np.float32).std(0).mean()
+    assert temporal_std > 1.5, temporal_std  # head motion, expression, talking, noise
+    env = np.array(meta["envelope"])
+    assert env.max() > 0.5 and env.min() < env.max()  # an onset/apex/offset time course, not a constant
+
+
+def test_identity_pools_are_disjoint():
+    fields = lambda i: tuple(v for k, v in vars(i).items() if k != "name")  # noqa: E731
+    train = {fields(S.split_identity(0, "train", k)) for k in range(20)}
+    pretrain = {fields(S.split_identity(0, "pretrain", k)) for k in range(20)}
+    for split in ("val", "test"):
+        held_out = {fields(S.split_identity(0, split, k)) for k in range(20)}
+        assert not held_out & (train | pretrain)
+    assert S.split_identity(0, "test", 3) == S.split_identity(0, "test", 3)  # deterministic
+
+
+def test_dataset_info_and_records(tiny_dataset):
+    info, recs = _records_by_split(tiny_dataset)
+    assert info["format"] == "facemae_dataset" and info["version"] == 1
+    assert info["task"] == "classification" and info["class_names"] == list(S.CLASS_NAMES)
+    assert info["frame_size"] == {"height": SIZE, "width": SIZE}
+    assert info["num_clips"] == len(recs) == 9 + 7 * (2 + 1 + 1)
+    assert info["shards"] == sorted(info["shards"]) == [os.path.basename(p) for p in records.list_shards(tiny_dataset)]
+    assert len(info["shards"]) == 4  # 37 clips, 10 per shard
+    assert "--train_per_class 2" in info["creation_command"]
+    # splits partition the global record indices and agree with each record's own split field
+    all_indices = sorted(i for idx in info["splits"].values() for i in idx)
+    assert all_indices == list(range(len(recs)))
+    assert {k: len(v) for k, v in info["splits"].items()} == {"pretrain": 9, "train": 14, "val": 7, "test": 7}
+    for split, indices in info["splits"].items():
+        for i in indices:
+            assert recs[i].split == split
+            assert (recs[i].label is None) == (split == "pretrain")
+    assert info["label_histogram"] == {str(c): 4 for c in range(7)}
+    assert info["extra"]["label_histogram_per_split"]["train"] == {str(c): 2 for c in range(7)}
+    rec = recs[info["splits"]["train"][0]]
+    assert rec.fps == 25.0 and rec.num_frames == FRAMES and (rec.height, rec.width) == (SIZE, SIZE)
+    assert records.decode_frames(rec).shape == (FRAMES, SIZE, SIZE, 3)
+    assert rec.extra["expression"] == S.CLASS_NAMES[rec.label]
+    # people in val/test never appear in train or pretrain
+    people = {s: {recs[i].extra["identity"] for i in idx} for s, idx in info["splits"].items()}
+    seen = people["train"] | people["pretrain"]
+    assert not people["val"] & seen and not people["test"] & seen and not people["val"] & people["test"]
+    # each train identity shows every class once
+    by_person = {}
+    for i in info["splits"]["train"]:
+        by_person.setdefault(recs[i].extra["identity"], []).append(recs[i].label)
+    assert all(sorted(v) == list(range(7)) for v in by_person.values())
+
+
+def test_parallel_build_is_byte_identical(tiny_dataset, tmp_path):
+    info = S.build_dataset(str(tmp_path), seed=3, num_pretrain=9, train_per_class=2, val_per_class=1,
+                           test_per_class=1, frames=FRAMES, size=SIZE, workers=2, clips_per_shard=10)
+    reference = records.load_dataset_info(tiny_dataset)
+    assert info["shards"] == reference["shards"] and info["splits"] == reference["splits"]
+    for name in info["shards"]:
+        assert filecmp.cmp(os.path.join(tiny_dataset, name), os.path.join(tmp_path, name), shallow=False), name
+
+
+def test_contact_sheet_written(tiny_dataset):
+    sheet = cv2.imread(os.path.join(tiny_dataset, "contact_sheet.png"))
+    assert sheet is not None
+    assert sheet.shape[0] >= 7 * SIZE and sheet.shape[1] >= FRAMES * SIZE  # a row per class, frames across
+    assert sheet.std() > 10  # not blank
+
+
+def _mouth_contrast(video, meta, t):
+    """Grey-level spread in a box around the mouth at frame ``t``: an opening (dark cavity, white teeth) raises it,
+    pressed lips lower it. Unlike mean brightness it does not depend on skin tone."""
+    unit = meta["face_unit_px"]
+    x, y = meta["mouth_centre_px"][t]
+    box = video[t, int(y - 0.25 * unit):int(y + 0.4 * unit) + 1, int(x - 0.35 * unit):int(x + 0.35 * unit) + 1]
+    return float(box.mean(-1).std())
+
+
+def test_expressions_differ_on_average():
+    """Apex versus the least expressive frame of the same clip: surprise (jaw drop) opens the mouth, angry (lip
+    press) closes it; same people for both classes."""
+    change = {}
+    for name in ("surprise", "angry"):
+        values = []
+        for i in range(8):
+            video, meta = S.generate_clip(S.clip_rng(1, "adhoc", i), S.CLASS_NAMES.index(name), frames=16, size=64,
+                                          identity=S.split_identity(1, "test", i))
+            envelope = np.array(meta["envelope"])
+            values.append(_mouth_contrast(video, meta, int(envelope.argmax()))
+                          - _mouth_contrast(video, meta, int(envelope.argmin())))
+        change[name] = np.array(values)
+    assert change["surprise"].mean() > change["angry"].mean() + 8, change
+    assert (change["surprise"] > 0).mean() >= 0.75 and (change["angry"] < 0).mean() >= 0.75, change
+
+
+def _nearest_class_mean_accuracy(train_x, train_y, test_x, test_y):
+    means = np.stack([train_x[train_y == c].mean(0) for c in range(7)])
+    pred = ((test_x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    return float((pred == test_y).mean())
+
+
+def test_a_single_first_frame_does_not_solve_the_task():
+    """Nearest class mean on the first frame (pixels), new people at test time, is near chance (1/7)."""
+
+    def first_frames(split, per_class):
+        x, y = [], []
+        for i in range(7 * per_class):
+            video, _ = S.generate_clip(S.clip_rng(0, split, i), i % 7, frames=16, size=32,
+                                       identity=S.split_identity(0, split, i // 7))
+            x.append(cv2.resize(video[0].mean(-1), (16, 16), interpolation=cv2.INTER_AREA).ravel())
+            y.append(i % 7)
+        return np.array(x), np.array(y)
+
+    acc = _nearest_class_mean_accuracy(*first_frames("train", 6), *first_frames("test", 4))
+    assert acc < 0.45, acc
+
+
+def test_label_lives_in_the_dynamics():
+    """With perfect perception (the generator's action-unit tracks), the whole clip identifies the class far better
+    than its first frame: the task is solvable, but only by looking across time."""
+    def features(seed, n_per_class):
+        clip_f, first_f, y = [], [], []
+        for i in range(7 * n_per_class):
+            dyn = S.sample_dynamics(np.random.default_rng([seed, i]), S.CLASS_NAMES[i % 7], 32)
+            clip_f.append(np.concatenate([dyn.aus.max(0), dyn.aus.mean(0)]))
+            first_f.append(dyn.aus[0])
+            y.append(i % 7)
+        return np.array(clip_f), np.array(first_f), np.array(y)
+
+    clip_tr, first_tr, y_tr = features(0, 40)
+    clip_te, first_te, y_te = features(1, 40)
+    clip_acc = _nearest_class_mean_accuracy(clip_tr, y_tr, clip_te, y_te)
+    first_acc = _nearest_class_mean_accuracy(first_tr, y_tr, first_te, y_te)
+    assert clip_acc > 0.75, clip_acc
+    assert first_acc < 0.45, first_acc
+    assert clip_acc > first_acc + 0.3
