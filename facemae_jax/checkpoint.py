@@ -48,6 +48,14 @@ class Checkpointer:
         )
         return out["state"], dict(out["data"] or {}), step
 
+    def restore_unsharded(self, step: int | None = None) -> tuple[Any, dict]:
+        """Restore as saved, without a target (inspection and tests; arrays land on the default device)."""
+        step = self.manager.latest_step() if step is None else step
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+        )
+        return out["state"], dict(out["data"] or {})
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -348,9 +348,10 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
         drain(upto_all=True)
         ckpt.save(stop_at, state, it.get_state(), force=True)
         ckpt.wait()
-    finally:
+    finally:  # also on divergence / Ctrl-C: let pending asynchronous checkpoint writes finish
         bar.close()
         it.close()
+        ckpt.wait()
     if config.get("final_eval", True):
         result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, stop_at, logger,
                                final=True)

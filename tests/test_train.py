@@ -1,0 +1,256 @@
+"""Trainer: sharded steps equal single-device steps, optimiser groups on the real base models, exact resume after
+SIGKILL, restore onto another mesh, NaN handling, config errors, and --mode=eval."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from facemae_jax import checkpoint as ckpt_lib
+from facemae_jax import convert, naming, optim, sharding, steps
+from facemae_jax.models import abstract_params, create_model, get_config, logical_axes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_LGI = dict(num_frames=4, img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=2, region_size=(2, 2, 4),
+                 decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=1, mask_ratio=0.5)
+
+
+def _state(model, cfg, tx, mesh, seed=0):
+    from facemae_jax.train import create_state
+
+    return create_state(model, cfg, tx, mesh, sharding.DEFAULT_RULES, seed, None)
+
+
+def _batch(cfg, mode, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, 256, (n, cfg.num_frames, cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
+    if mode == "pretrain":
+        from facemae_jax import masking
+
+        gen = masking.make_mask_generator("tube_window", grid=cfg.grid, mask_ratio=cfg.mask_ratio,
+                                          window=cfg.region_size[1:])
+        return {"video": video, "mask": np.stack([gen(rng) for _ in range(n)])}
+    return {"video": video, "label": rng.integers(0, cfg.num_classes, n).astype(np.int32),
+            "erase_box": np.zeros((n, 4), np.int32)}
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_sharded_step_matches_single_device(mode):
+    cfg = get_config(f"lgi_tiny_{mode}", **SMALL_LGI)
+    model = create_model(cfg)
+    tx = optax.adamw(1e-3)
+    make = steps.make_pretrain_step if mode == "pretrain" else steps.make_finetune_step
+    kw = {"frame_diff": True} if mode == "pretrain" else {"mixup": None}
+    step = jax.jit(make(model, cfg, tx, 0, **kw))
+    batch = _batch(cfg, mode)
+    results = {}
+    for shape in [(1, 1), (8, 1), (4, 2)]:
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+        state, _ = _state(model, cfg, tx, mesh)
+        new, m = step(state, sharding.put_batch(batch, mesh))
+        results[shape] = (float(m["loss"]), jax.device_get(new["params"]))
+        if shape == (4, 2):  # params really are sharded over fsdp
+            k = new["params"]["blocks_0" if mode == "finetune" else "encoder"]
+            leaf = k["mlp"]["fc1"]["kernel"] if mode == "finetune" else k["blocks_0"]["mlp"]["fc1"]["kernel"]
+            assert leaf.sharding.spec[0] == "fsdp"
+    ref_loss, ref_params = results[(1, 1)]
+    for shape, (loss, params) in results.items():
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), shape
+        for (p, a), (_, b) in zip(naming.flatten(params), naming.flatten(ref_params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str((shape, p)))
+
+
+def test_optimizer_groups_on_base_models_match_spec():
+    """FINETUNING §5 on the real parameter trees of the published fine-tune models."""
+    lgi = abstract_params(create_model(get_config("vit_base_dim512_no_depth_patch16_160")))
+    _, rep = optim.build_optimizer(lgi, schedule=optax.constant_schedule(1.0), weight_decay=0.05,
+                                   betas=(0.9, 0.999), eps=1e-8, layer_decay=0.75, num_layers=16,
+                                   skip_weight_decay={"lg_region_tokens"})
+    rules = {r.torch_name: r for r in rep.rules}
+    expected = [0.0075169, 0.0100226, 0.0133635, 0.0178179, 0.0237573, 0.0316764, 0.0422351, 0.0563135,
+                0.0750847, 0.1001129, 0.1334839, 0.1779785, 0.2373047, 0.3164063, 0.421875, 0.5625, 0.75, 1.0]
+    assert rules["patch_embed.proj.weight"].lr_scale == pytest.approx(expected[0], abs=1e-7)
+    for j in range(16):
+        assert rules[f"blocks.{j}.mlp.fc1.weight"].lr_scale == pytest.approx(expected[j + 1], abs=1e-7)
+    for name in ("head.weight", "fc_norm.weight", "lg_region_tokens"):
+        assert rules[name].lr_scale == 1.0
+    no_decay = {n for n, r in rules.items() if not r.decay}
+    assert "lg_region_tokens" in no_decay and "blocks.3.first_attn.q_bias" in no_decay
+    assert "blocks.3.norm2.weight" in no_decay and "head.bias" in no_decay
+    decayed = {n for n, r in rules.items() if r.decay}
+    assert all(n.endswith(".weight") and "norm" not in n for n in decayed)
+    assert len(rules) == 519 - 0  # every reference key (no shared modules in the published model)
+
+    svfap = abstract_params(create_model(get_config("pretrain_svfap_base_patch16_160")))
+    _, rep = optim.build_optimizer(svfap, schedule=optax.constant_schedule(1.0), weight_decay=0.05,
+                                   betas=(0.9, 0.95), eps=1e-8, skip_weight_decay={"mask_token"},
+                                   frozen=lambda n: optim.svfap_pretrain_unused(n, (12, 6, 3)))
+    assert sum(r.frozen for r in rep.rules) == 173  # ARCHITECTURE §4.6: tensors without gradient
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    cfg = get_config("lgi_tiny_finetune", **SMALL_LGI)
+    model = create_model(cfg)
+    tx = optax.adamw(1e-3)
+    mesh_a = sharding.make_mesh(8, 1)
+    state, _ = _state(model, cfg, tx, mesh_a, seed=3)
+    c = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+    c.save(5, state, {"position": 5}, force=True)
+    c.close()
+    mesh_b = sharding.make_mesh(2, 4)
+    fresh, _ = _state(model, cfg, tx, mesh_b, seed=99)
+    target = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: fresh),
+                                              jax.tree_util.tree_map(lambda x: x.sharding, fresh))
+    c2 = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+    restored, data, step = c2.restore(target)
+    c2.close()
+    assert step == 5 and data == {"position": 5}
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    leaf = restored["params"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert leaf.sharding.mesh.shape == {"data": 2, "fsdp": 4} and leaf.sharding.spec[0] == "fsdp"
+
+
+def test_non_finite_update_is_skipped():
+    cfg = get_config("lgi_tiny_finetune", **SMALL_LGI)
+    model = create_model(cfg)
+    tx = optax.sgd(1e38)  # the update overflows although the loss is finite
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    state, _ = _state(model, cfg, tx, mesh)
+    before = jax.device_get(state["params"])
+    new, m = jax.jit(steps.make_finetune_step(model, cfg, tx, 0, mixup=None))(state, _batch(cfg, "finetune"))
+    assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(new["params"])), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End-to-end through launch.py on a tiny synthetic dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from data_pipelines import synthetic
+
+    d = tmp_path_factory.mktemp("data") / "faces"
+    synthetic.build_dataset(str(d), seed=0, num_pretrain=16, train_per_class=3, val_per_class=1, test_per_class=2,
+                            frames=10, size=32, workers=1, clips_per_shard=16)
+    return str(d)
+
+
+def _config_file(tmp_path, data_dir, **extra) -> str:
+    body = textwrap.dedent(f"""
+        from ml_collections import ConfigDict
+        from configs.base import base_config
+
+        def get_config():
+            c = base_config()
+            c.model.name = "lgi_tiny_finetune"
+            c.model.overrides = ConfigDict({dict(SMALL_LGI, num_classes=7)!r})
+            c.data.dir = {data_dir!r}
+            c.data.sampling_rate = 2
+            c.data.rand_augment = "rand-m7-n2-mstd0.5-inc1"
+            c.batch_size = 8
+            c.optim.total_steps = 10
+            c.optim.warmup_steps = 2
+            c.checkpoint.every_steps = 2
+            c.checkpoint.keep = 10
+            c.log_every_steps = 2
+            c.eval.batch_size = 8
+            c.mesh.data = 2
+            c.mesh.fsdp = 1
+            return c
+    """)
+    p = tmp_path / "tiny_config.py"
+    p.write_text(body)
+    return str(p)
+
+
+def _launch(config, workdir, *args, wait=True, env_extra=None):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO, **(env_extra or {}))
+    cmd = [sys.executable, os.path.join(REPO, "launch.py"), f"--config={config}", f"--workdir={workdir}", *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _export_params(workdir):
+    params, _, _ = convert.load_converted(os.path.join(workdir, "export"))
+    return dict(naming.flatten(params))
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, tiny_data):
+    config = _config_file(tmp_path, tiny_data)
+    ref = _launch(config, str(tmp_path / "ref"), "--config.final_eval=False")
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+
+    work = tmp_path / "killed"
+    proc = _launch(config, str(work), "--config.final_eval=False", wait=False)
+    deadline = time.time() + 300
+    while not (work / "checkpoints" / "4").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, somewhere after step 4 was saved
+    proc.wait()
+    saved = sorted(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit())
+    assert 10 not in saved, "the run finished before it was killed; nothing was tested"
+    resumed = _launch(config, str(work), "--config.final_eval=False")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "[resume] restored step" in resumed.stdout + resumed.stderr
+    a, b = _export_params(str(tmp_path / "ref")), _export_params(str(work))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_final_eval_outputs_and_eval_mode(tmp_path, tiny_data):
+    config = _config_file(tmp_path, tiny_data)
+    work = tmp_path / "run"
+    r = _launch(config, str(work), "--config.optim.total_steps=4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "UAR" in r.stdout and "WAR" in r.stdout
+    res = json.load(open(work / "eval" / "final_metrics.json"))
+    assert res["num_clips"] == 14 and 0 <= res["uar"] <= 1
+    assert (work / "eval" / "final_confusion.png").exists() and (work / "config.json").exists()
+    assert (work / "tb").is_dir() and (work / "metrics.jsonl").exists()
+    e = _launch(config, str(tmp_path / "evalonly"), "--mode=eval", f"--checkpoint={work}")
+    assert e.returncode == 0, e.stdout + e.stderr
+    res2 = json.load(open(tmp_path / "evalonly" / "eval" / "final_metrics.json"))
+    assert res2["uar"] == res["uar"] and res2["war"] == res["war"]
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data):
+    config = _config_file(tmp_path, tiny_data)
+    work = tmp_path / "nan"
+    r = _launch(config, str(work), "--config.optim.base_lr=1e36", "--config.optim.warmup_steps=1",
+                "--config.checkpoint.every_steps=1")
+    assert r.returncode != 0
+    assert "non-finite loss/gradient/update at step" in r.stdout + r.stderr
+    c = ckpt_lib.Checkpointer(str(work / "checkpoints"))
+    step = c.latest_step()
+    assert step is not None
+    restored, _ = c.restore_unsharded(step)
+    c.close()
+    leaves = jax.tree_util.tree_leaves(restored["params"])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_unknown_config_key_and_missing_data_fail_loudly(tmp_path, tiny_data):
+    config = _config_file(tmp_path, tiny_data)
+    r = _launch(config, str(tmp_path / "w"), "--config.optim.base_lrr=1")
+    assert r.returncode != 0 and "base_lrr" in r.stderr
+    r = _launch(config, str(tmp_path / "w2"), f"--config.data.dir={tmp_path / 'nowhere'}")
+    assert r.returncode != 0 and "has no dataset_info.json" in r.stderr + r.stdout
