@@ -55,6 +55,7 @@ def base_config() -> ConfigDict:
         "skip_weight_decay": ("lg_region_tokens",),
         "corrected_region_token_decay": False,  # Q10 fix
         "corrected_downsampler_layer_ids": False,  # Q11 fix
+        "trainable": (),  # torch-name prefixes that train, e.g. ("fc_norm.", "head.") = linear probe; () = all
     })
     c.optim.layer_decay = 0.75
     c.pretrain = ConfigDict({"frame_diff": True, "diff_weight": config_dict.placeholder(float)})

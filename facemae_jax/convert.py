@@ -139,6 +139,19 @@ def flax_to_torch(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.n
     return out
 
 
+def _fresh_head(cfg: ModelConfig, key) -> dict:
+    """A new ``fc_norm`` (unit scale, zero bias) and ``head`` (trunc-normal 0.02 x init_scale, zero bias), as the
+    reference initialises them — without compiling the whole model's initialiser."""
+    from facemae_jax.models.layers import trunc_normal_abs
+
+    c = cfg.embed_dim
+    kernel = np.asarray(trunc_normal_abs(0.02)(key, (c, cfg.num_classes))) * np.float32(cfg.init_scale)
+    return {
+        "fc_norm": {"scale": np.ones((c,), np.float32), "bias": np.zeros((c,), np.float32)},
+        "head": {"kernel": kernel.astype(np.float32), "bias": np.zeros((cfg.num_classes,), np.float32)},
+    }
+
+
 # Keys of a pre-train checkpoint that the fine-tune model does not use (FINETUNING §6).
 _PRETRAIN_ONLY = ("decoder.", "encoder_to_decoder.", "mask_token", "norm.")
 
@@ -149,8 +162,6 @@ def pretrain_to_finetune(
     """Pre-train (or fine-tune) state_dict -> fine-tune params; ``fc_norm``/``head`` freshly initialised when
     absent or of another class count. Returns (params, report) with the dropped / initialised keys."""
     import jax
-
-    from facemae_jax.models import registry
 
     if cfg.mode != "finetune":
         raise ValueError("pretrain_to_finetune needs a fine-tune config")
@@ -164,7 +175,7 @@ def pretrain_to_finetune(
     dropped = sorted(k for k in sd if k.startswith(_PRETRAIN_ONLY))
     for k in dropped:
         del sd[k]
-    fresh = registry.init_params(registry.create_model(cfg), jax.random.key(rng_seed))
+    fresh = _fresh_head(cfg, jax.random.key(rng_seed))
     head_shape = tuple(np.shape(fresh["head"]["kernel"]))[::-1]
     if "head.weight" in sd and tuple(sd["head.weight"].shape) != head_shape:
         dropped += ["head.weight", "head.bias"]
@@ -239,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
     if cfg.mode == "finetune" and any(k.startswith(("encoder.", "decoder.")) for k in sd):
         params, report = pretrain_to_finetune(sd, cfg, source=args.checkpoint)
+        head_trained = not any(k.startswith("head.") for k in report["initialised"])
         print(f"pre-train -> fine-tune: dropped {len(report['dropped'])} keys, initialised {report['initialised']}")
     else:
         params, _ = torch_to_flax(sd, cfg, source=args.checkpoint)
+        head_trained = True
     meta: dict[str, Any] = {"model_name": args.model, "source": os.path.abspath(args.checkpoint)}
+    if cfg.mode == "finetune":
+        meta["head_trained"] = head_trained  # False: encoder only, the classifier head is freshly initialised
     if "epoch" in info:
         meta["source_epoch"] = info["epoch"]
     if args.class_names:

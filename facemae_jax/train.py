@@ -133,9 +133,13 @@ def schedule_and_optimizer(config, cfg: ModelConfig, abstract_params, steps_per_
     peak = optim.scaled_lr(o.base_lr, global_batch)
     min_lr = optim.scaled_lr(o.min_lr, global_batch)
     table = optim.warmup_cosine_table(peak, min_lr, warmup, total)
-    frozen = None
+    rules = []
     if config.task == "pretrain" and cfg.family == "tpsbt" and cfg.svfap_reverse_ctx == "full_embedding":
-        frozen = lambda name: optim.svfap_pretrain_unused(name, cfg.stage_depths)  # noqa: E731  (Q4)
+        rules.append(lambda name: optim.svfap_pretrain_unused(name, cfg.stage_depths))  # Q4: no grad, no decay
+    trainable = tuple(o.get("trainable", ()) or ())
+    if trainable:  # e.g. a linear probe: everything else is frozen (no update, no decay, no optimiser state)
+        rules.append(lambda name: not name.startswith(trainable))
+    frozen = (lambda name: any(r(name) for r in rules)) if rules else None
     skip = set(o.get("skip_weight_decay", ()))
     tx, report = optim.build_optimizer(
         abstract_params, schedule=optim.schedule_from_table(table), weight_decay=o.weight_decay,

@@ -306,3 +306,14 @@ def test_pretrain_init_follows_reference_initialisers():
     ft = init_params(create_model(get_config("lgi_tiny_finetune")), jax.random.key(0))
     assert np.abs(np.asarray(ft["head"]["kernel"])).max() < 0.02 * 5 * 1e-3
     assert np.all(np.asarray(ft["head"]["bias"]) == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_base_dim512_no_depth_patch16_160", "svfap_base_patch16_160"])
+def test_base_finetune_models_run_jit_on_one_clip(name):
+    """Issue requirement: the published fine-tune models compile and run on one 16x160x160 clip on CPU.
+    Slow (~1 min each); run with ``pytest -m slow``. Timings: benchmarks/model_forward.py."""
+    from benchmarks.model_forward import bench
+
+    r = bench(name, batch=1, repeats=1)
+    assert r["output_shape"] == [1, 7] and r["finite"]
