@@ -59,10 +59,15 @@ def ensure_dataset(config) -> str:
         from data_pipelines import synthetic
 
         logging.info("dataset %s not found: generating the synthetic face-expression dataset there", d)
-        print(f"[data] {d} not found: generating synthetic face-expression videos ({dict(synth)})", flush=True)
-        t0 = time.time()
-        synthetic.build_dataset(d, **dict(synth))
-        print(f"[data] generated in {time.time() - t0:.0f}s", flush=True)
+        if jax.process_index() == 0:  # one writer; the others wait (a shared filesystem is assumed)
+            print(f"[data] {d} not found: generating synthetic face-expression videos ({dict(synth)})", flush=True)
+            t0 = time.time()
+            synthetic.build_dataset(d, **dict(synth))
+            print(f"[data] generated in {time.time() - t0:.0f}s", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synthetic dataset written")
         return d
     raise FileNotFoundError(
         f"dataset directory {d!r} has no dataset_info.json. Build it first, e.g.\n"
@@ -89,7 +94,8 @@ def loader_options(config) -> pipelines.LoaderOptions:
 def local_batch_size(global_batch: int, mesh) -> int:
     div = sharding.global_batch_divisor(mesh)
     if global_batch % div:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {div} devices of the batch axes")
+        raise ValueError(f"batch size {global_batch} is not divisible by the {div} devices of the mesh's batch axes "
+                         f"{dict(mesh.shape)}: change the batch size (batch_size / eval.batch_size) or config.mesh")
     if global_batch % jax.process_count():
         raise ValueError(f"global batch {global_batch} not divisible by {jax.process_count()} processes")
     return global_batch // jax.process_count()
@@ -117,10 +123,10 @@ def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int) -> pipel
     )
 
 
-def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str) -> pipelines.Pipeline:
+def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str, mesh) -> pipelines.Pipeline:
     d = config.data
     return pipelines.eval_pipeline(
-        data_dir, split=split, batch_size=config.eval.batch_size // jax.process_count(), num_frames=cfg.num_frames,
+        data_dir, split=split, batch_size=local_batch_size(config.eval.batch_size, mesh), num_frames=cfg.num_frames,
         sampling_rate=d.sampling_rate, image_size=cfg.img_size, num_segments=config.eval.num_segments,
         num_crops=config.eval.num_crops, options=loader_options(config),
     )
@@ -152,7 +158,7 @@ def schedule_and_optimizer(config, cfg: ModelConfig, abstract_params, steps_per_
     return tx, report, table, total
 
 
-def initial_params(config, cfg: ModelConfig, key) -> dict | None:
+def initial_params(config, cfg: ModelConfig) -> dict | None:
     """Parameters to start fine-tuning from (``config.init_from``), or None for random init."""
     src = config.get("init_from")
     if not src:
@@ -264,7 +270,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.get("async_save", True))
     resume_step = ckpt.latest_step()
-    init = initial_params(config, cfg, None) if resume_step is None else None
+    init = initial_params(config, cfg) if resume_step is None else None
     state, param_sh = create_state(model, cfg, tx, mesh, rules, config.seed, init)
     it = iter(train_pipe)
     if resume_step is not None:
@@ -370,7 +376,7 @@ def periodic_eval(config, cfg, model, params, mesh, data_dir, info, workdir, ste
     if config.task == "pretrain":
         return reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, step, logger)
     task = config.data.get("task", "classification")
-    pipe = eval_pipeline(config, cfg, data_dir, config.data.eval_split)
+    pipe = eval_pipeline(config, cfg, data_dir, config.data.eval_split, mesh)
     eval_fn = jax.jit(steps.make_eval_step(model, cfg))
     tag = "final" if final else f"step{step}"
     res = evaluate.run_eval(eval_fn, params, pipe, mesh, task=task, class_names=info.get("class_names"),

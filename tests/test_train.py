@@ -254,3 +254,69 @@ def test_unknown_config_key_and_missing_data_fail_loudly(tmp_path, tiny_data):
     assert r.returncode != 0 and "base_lrr" in r.stderr
     r = _launch(config, str(tmp_path / "w2"), f"--config.data.dir={tmp_path / 'nowhere'}")
     assert r.returncode != 0 and "has no dataset_info.json" in r.stderr + r.stdout
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    cfg = get_config("lgi_tiny_finetune", **SMALL_LGI, dtype="bfloat16")
+    model = create_model(cfg)
+    tx = optax.adamw(1e-3)
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    state, _ = _state(model, cfg, tx, mesh)
+    new, m = jax.jit(steps.make_finetune_step(model, cfg, tx, 0, mixup=None))(state, _batch(cfg, "finetune"))
+    assert bool(m["finite"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new["params"]))
+
+
+def test_init_from_official_format_pth(tmp_path):
+    """A finetune job can start from a reference-layout pretrain .pth (converted on the fly, FINETUNING §6)."""
+    from configs.base import base_config
+    from facemae_jax import torch_io
+    from facemae_jax.models import init_params
+    from facemae_jax.train import initial_params
+
+    pcfg = get_config("lgi_tiny_pretrain", **SMALL_LGI)
+    sd = convert.flax_to_torch(init_params(create_model(pcfg), jax.random.key(1)), pcfg)
+    torch_io.save_state_dict(str(tmp_path / "checkpoint-49.pth"), sd, extra={"epoch": 49})
+    c = base_config()
+    c.model.name = "lgi_tiny_finetune"
+    c.model.overrides = dict(SMALL_LGI, num_classes=5)
+    c.init_from = str(tmp_path / "checkpoint-49.pth")
+    params = initial_params(c, get_config("lgi_tiny_finetune", **SMALL_LGI, num_classes=5))
+    ft = convert.flax_to_torch(params, get_config("lgi_tiny_finetune", **SMALL_LGI, num_classes=5))
+    assert np.array_equal(ft["blocks.1.third_attn.kv.weight"], sd["encoder.blocks.1.third_attn.kv.weight"])
+    assert ft["head.weight"].shape == (5, 32)
+
+
+def test_kfold_driver_writes_per_fold_and_mean_table(tmp_path, tiny_data):
+    """Two folds over a copy of the tiny dataset whose info gets fold splits; launch.run_kfold trains both."""
+    import launch
+    from configs.base import base_config
+
+    d = tmp_path / "folds"
+    d.mkdir()
+    info = json.load(open(os.path.join(tiny_data, "dataset_info.json")))
+    for s in info["shards"]:
+        os.symlink(os.path.join(tiny_data, s), d / s)
+    clips = info["splits"]["train"] + info["splits"]["test"]
+    half = len(clips) // 2
+    info["splits"].update({"fold1/train": clips[half:], "fold1/test": clips[:half],
+                           "fold2/train": clips[:half], "fold2/test": clips[half:]})
+    json.dump(info, open(d / "dataset_info.json", "w"))
+    c = base_config()
+    c.model.name = "lgi_tiny_finetune"
+    c.model.overrides = dict(SMALL_LGI, num_classes=7)
+    c.data.dir = str(d)
+    c.data.sampling_rate = 2
+    c.data.rand_augment = ""
+    c.batch_size = 8
+    c.optim.total_steps = 2
+    c.optim.warmup_steps = 1
+    c.eval.batch_size = 8
+    c.kfold = 2
+    table = launch.run_kfold(c, str(tmp_path / "kf"))
+    saved = json.load(open(tmp_path / "kf" / "kfold.json"))
+    assert [r["fold"] for r in saved["rows"]] == [1, 2]
+    for k in (1, 2):
+        assert (tmp_path / "kf" / f"fold{k}" / "eval" / "final_metrics.json").exists()
+    folds = [json.load(open(tmp_path / "kf" / f"fold{k}" / "eval" / "final_metrics.json")) for k in (1, 2)]
+    assert table["mean"]["uar"] == pytest.approx((folds[0]["uar"] + folds[1]["uar"]) / 2)
