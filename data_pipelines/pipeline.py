@@ -507,6 +507,21 @@ def _finish(ds: grain.MapDataset, options: LoaderOptions) -> grain.IterDataset:
     return iter_ds
 
 
+def _training_pipeline(ds: grain.MapDataset, options: LoaderOptions, identity: dict[str, Any],
+                       dataset_split: DatasetSplit, batch_size: int, rows_per_clip: int = 1) -> Pipeline:
+    """An infinite training Pipeline: position counted in clips of the global stream, drop-last epochs."""
+    return Pipeline(
+        batches=ds,
+        options=options,
+        identity=identity,
+        global_clips_per_batch=batch_size * options.shard_count,
+        batch_size=batch_size * rows_per_clip,
+        steps_per_epoch=len(dataset_split) // (batch_size * options.shard_count),
+        num_batches=None,
+        record_indices=dataset_split.record_indices,
+    )
+
+
 def _training_stream(
     split: DatasetSplit, transform: Any, batch_clips: int, seed: int, options: LoaderOptions
 ) -> grain.MapDataset:
@@ -582,16 +597,7 @@ def pretrain_pipeline(
         "kind": "pretrain", "split": split, "num_clips": len(dataset_split), "seed": seed, "num_frames": num_frames,
         "sampling_rate": sampling_rate, "image_size": image_size, "mask_kind": mask_kind, "num_samples": num_samples,
     }  # fmt: skip
-    return Pipeline(
-        batches=ds,
-        options=options,
-        identity=identity,
-        global_clips_per_batch=batch_size * options.shard_count,
-        batch_size=batch_size * num_samples,
-        steps_per_epoch=len(dataset_split) // (batch_size * options.shard_count),
-        num_batches=None,
-        record_indices=dataset_split.record_indices,
-    )
+    return _training_pipeline(ds, options, identity, dataset_split, batch_size, rows_per_clip=num_samples)
 
 
 def finetune_train_pipeline(
@@ -643,16 +649,7 @@ def finetune_train_pipeline(
         "kind": "finetune_train", "split": split, "num_clips": len(dataset_split), "seed": seed,
         "num_frames": num_frames, "sampling_rate": sampling_rate, "image_size": image_size,
     }  # fmt: skip
-    return Pipeline(
-        batches=ds,
-        options=options,
-        identity=identity,
-        global_clips_per_batch=batch_size * options.shard_count,
-        batch_size=batch_size,
-        steps_per_epoch=len(dataset_split) // (batch_size * options.shard_count),
-        num_batches=None,
-        record_indices=dataset_split.record_indices,
-    )
+    return _training_pipeline(ds, options, identity, dataset_split, batch_size)
 
 
 def eval_pipeline(
