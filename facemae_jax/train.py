@@ -356,7 +356,8 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
                 result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, done,
                                        logger)
         drain(upto_all=True)
-        ckpt.save(stop_at, state, it.get_state(), force=True)
+        if ckpt.latest_step() != stop_at:  # a rerun of a finished job only re-evaluates and re-exports
+            ckpt.save(stop_at, state, it.get_state(), force=True)
         ckpt.wait()
     finally:  # also on divergence / Ctrl-C: let pending asynchronous checkpoint writes finish
         bar.close()
