@@ -230,6 +230,9 @@ def test_final_eval_outputs_and_eval_mode(tmp_path, tiny_data):
     assert e.returncode == 0, e.stdout + e.stderr
     res2 = json.load(open(tmp_path / "evalonly" / "eval" / "final_metrics.json"))
     assert res2["uar"] == res["uar"] and res2["war"] == res["war"]
+    again = _launch(config, str(work), "--config.optim.total_steps=4")  # rerun of a finished job: resume at the end
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.load(open(work / "eval" / "final_metrics.json"))["uar"] == res["uar"]
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data):
