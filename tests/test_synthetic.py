@@ -201,3 +201,17 @@ def test_label_lives_in_the_dynamics():
     assert clip_acc > 0.75, clip_acc
     assert first_acc < 0.45, first_acc
     assert clip_acc > first_acc + 0.3
+
+
+def test_synthetic_video_cli_writes_a_decodable_mp4(tmp_path):
+    from data_pipelines import synthetic_video, video_io
+
+    out = tmp_path / "demo.mp4"
+    assert synthetic_video.main(["--out", str(out), "--expressions", "happy,sad", "--frames_per_expression", "6",
+                                 "--size", "64"]) == 0
+    frames, fps = video_io.read_video(str(out))
+    assert frames.shape == (12, 64, 64, 3) and fps == 25
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown expressions"):
+        synthetic_video.render(["joy"], frames_per_expression=4, size=32, seed=0)
