@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from configs.base import base_config, pretrain_defaults
 
 # Dataset: 32-frame clips (synthetic default: one expression event per clip), 64 px.
-DATA = dict(seed=0, num_pretrain=960, train_per_class=24, val_per_class=2, test_per_class=16, frames=32, size=64,
+DATA = dict(seed=0, num_pretrain=960, train_per_class=48, val_per_class=2, test_per_class=16, frames=32, size=64,
             workers=2, clips_per_shard=128)
 
 # Geometry shared by both families: 16 frames (sampling rate 2 -> the whole 32-frame clip), 64 px, patch 16
@@ -55,7 +55,7 @@ def pretrain(family: str, data_dir: str, *, steps: int, seed: int = 0, mask_rati
     return pre
 
 
-def finetune(family: str, data_dir: str, *, steps: int, init_from: str = "", seed: int = 0, lr: float = 1.6e-2,
+def finetune(family: str, data_dir: str, *, steps: int, init_from: str = "", seed: int = 0, lr: float = 2.4e-2,
              batch: int = 32, layer_decay: float | None = 0.75, probe: bool = False, overrides: dict | None = None,
              synth: dict | None = None, drop_path: float = 0.0) -> ConfigDict:
     ft = base_config()

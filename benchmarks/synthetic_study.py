@@ -1,0 +1,255 @@
+"""Does masked video pre-training help dynamic expression recognition? The synthetic-face study (issue 6).
+
+    python -m benchmarks.synthetic_study [--seeds 0 1 2] [--quick] [--parts main probe ...] [--workdir DIR]
+
+On procedurally generated face-expression videos (data_pipelines/synthetic.py, identity-disjoint test split):
+pre-train small LGI-Former / TPSBT encoders on the unlabelled pool, then fine-tune from the pre-trained encoder
+and from random init with the same labelled budget and steps, and test (UAR/WAR, 2 segments x 2 crops).
+Parts, in priority order (each job's result is saved as soon as it finishes; a rerun skips finished jobs):
+
+main      LGI pre-trained (appearance + motion target) vs scratch, every seed (mean +- std)
+probe     linear probe (fc_norm + head) on the frozen pre-trained vs frozen random encoder
+target    LGI pre-trained with the appearance-only target (no frame difference)
+q2        LGI pre-trained with the corrected (raster) decoder order (QUIRKS Q2)
+tpsbt     SVFAP/TPSBT faithful pre-train encoder (Q3/Q5 as coded) vs corrected (bottleneck ctx + repeat) vs scratch
+
+Configs: configs/study/common.py. Output: results/synthetic_study.json (every number, config, wall time), a
+markdown table on stdout, results/reconstruction_lgi.png and results/confusion_best.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs.study import common  # noqa: E402
+
+DATA_DIR = os.path.join(ROOT, "data", "synthetic_faces_small")  # the demo's dataset (same DATA settings)
+PARTS = ("main", "probe", "target", "q2", "tpsbt")
+
+
+def plan(seeds, pre_steps, ft_steps, probe_steps, parts):
+    """Ordered job list: (name, kind, config builder kwargs, depends_on)."""
+    D = DATA_DIR
+    jobs = []
+
+    def pre(name, family, **kw):
+        jobs.append((name, common.pretrain(family, D, steps=pre_steps, **kw), None))
+
+    def ft(name, family, init, seed, **kw):
+        jobs.append((name, common.finetune(family, D, steps=ft_steps, seed=seed, **kw), init))
+
+    if {"main", "probe"} & set(parts):
+        pre("pre/lgi", "lgi")
+    if "main" in parts:
+        for s in seeds:
+            ft(f"ft/lgi_pretrained/s{s}", "lgi", "pre/lgi", s)
+            ft(f"ft/lgi_scratch/s{s}", "lgi", None, s)
+    if "probe" in parts:
+        kw = dict(probe=True, lr=8e-2)
+        jobs.append(("probe/lgi_pretrained/s0",
+                     common.finetune("lgi", D, steps=probe_steps, seed=seeds[0], **kw), "pre/lgi"))
+        jobs.append(("probe/lgi_random/s0", common.finetune("lgi", D, steps=probe_steps, seed=seeds[0], **kw), None))
+    if "target" in parts:
+        pre("pre/lgi_appearance_only", "lgi", frame_diff=False)
+        ft(f"ft/lgi_appearance_only/s{seeds[0]}", "lgi", "pre/lgi_appearance_only", seeds[0])
+    if "q2" in parts:
+        pre("pre/lgi_q2_raster", "lgi", overrides=dict(lgi_raster_decoder_order=True))
+        ft(f"ft/lgi_q2_raster/s{seeds[0]}", "lgi", "pre/lgi_q2_raster", seeds[0])
+    if "tpsbt" in parts:
+        pre("pre/tpsbt_faithful", "tpsbt")
+        pre("pre/tpsbt_corrected", "tpsbt", overrides=dict(svfap_reverse_ctx="bottleneck", svfap_upsample="repeat"))
+        ft(f"ft/tpsbt_faithful/s{seeds[0]}", "tpsbt", "pre/tpsbt_faithful", seeds[0])
+        ft(f"ft/tpsbt_corrected/s{seeds[0]}", "tpsbt", "pre/tpsbt_corrected", seeds[0])
+        ft(f"ft/tpsbt_scratch/s{seeds[0]}", "tpsbt", None, seeds[0])
+    return jobs
+
+
+def _clean(res):
+    out = {}
+    for k, v in (res or {}).items():
+        if isinstance(v, (int, float, str, bool)):
+            out[k] = float(v) if isinstance(v, (np.floating,)) else v
+        elif isinstance(v, np.ndarray) and v.size <= 64:
+            out[k] = v.tolist()
+        elif isinstance(v, (list, tuple)) and len(v) <= 64:
+            out[k] = json.loads(json.dumps(v, default=float))
+        elif isinstance(v, np.floating):
+            out[k] = float(v)
+    return out
+
+
+def summarize(results):
+    """Rows: arm -> UAR/WAR mean, std over seeds."""
+    arms = {}
+    for name, r in results.items():
+        if not name.startswith(("ft/", "probe/")) or "uar" not in r.get("result", {}):
+            continue
+        arm = name.rsplit("/", 1)[0]
+        arms.setdefault(arm, []).append((100 * r["result"]["uar"], 100 * r["result"]["war"], r["wall_s"]))
+    rows = []
+    for arm, v in arms.items():
+        a = np.array(v)
+        rows.append(dict(arm=arm, n=len(v), uar_mean=float(a[:, 0].mean()), uar_std=float(a[:, 0].std()),
+                         war_mean=float(a[:, 1].mean()), war_std=float(a[:, 1].std()),
+                         uar_per_seed=a[:, 0].round(2).tolist(), wall_s_mean=float(a[:, 2].mean())))
+    return rows
+
+
+def table(rows, results):
+    lines = ["| arm | seeds | UAR % (mean ± std) | WAR % (mean ± std) | per-seed UAR |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['n']} | {r['uar_mean']:.1f} ± {r['uar_std']:.1f} | "
+                     f"{r['war_mean']:.1f} ± {r['war_std']:.1f} | {', '.join(f'{u:.1f}' for u in r['uar_per_seed'])} |")
+    pre = [(k, v) for k, v in results.items() if k.startswith("pre/")]
+    if pre:
+        lines += ["", "| pre-training | final train loss | eval recon loss | wall s |", "|---|---|---|---|"]
+        for k, v in pre:
+            lines.append(f"| {k} | {v.get('final_train_loss', float('nan')):.4f} | "
+                         f"{v['result'].get('recon_loss', float('nan')):.4f} | {v['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_one(name, cfg, wd):
+    """Child process: one job; its summary goes to ``wd/study_result.json``."""
+    from facemae_jax import train
+
+    t0 = time.time()
+    res = train.run(cfg, wd)
+    wall = time.time() - t0
+    losses = []
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        for line in f:
+            d = json.loads(line)
+            if "train/loss" in d:
+                losses.append((d["step"], d["train/loss"]))
+    out = dict(result=_clean(res), wall_s=wall, workdir=wd, init_from=cfg.init_from,
+               final_train_loss=losses[-1][1] if losses else None, loss_curve=losses,
+               config=json.loads(cfg.to_json_best_effort()))
+    with open(os.path.join(wd, "study_result.json"), "w") as f:
+        json.dump(out, f, default=float)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="short schedules (smoke check, ~5 min): not conclusive")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "synthetic_study"))
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "synthetic_study.json"))
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--probe-steps", type=int, default=None)
+    p.add_argument("--parallel", type=int, default=2,
+                   help="jobs at a time (one job keeps ~1 CPU core busy: 2 on a 2-core machine)")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job in this process
+    argv = sys.argv[1:] if argv is None else argv
+    a = p.parse_args(argv)
+    pre_steps = a.pretrain_steps or (60 if a.quick else 400)
+    ft_steps = a.finetune_steps or (60 if a.quick else 250)
+    probe_steps = a.probe_steps or (40 if a.quick else 150)
+    if a.quick:
+        a.workdir += "_quick"
+        a.out = a.out.replace(".json", "_quick.json")
+    jobs = plan(a.seeds, pre_steps, ft_steps, probe_steps, a.parts)
+    for _, cfg, init in jobs:
+        if init:
+            with cfg.unlocked():
+                cfg.init_from = os.path.join(a.workdir, init)
+    if a.job:
+        name, cfg, _ = next(j for j in jobs if j[0] == a.job)
+        run_one(name, cfg, os.path.join(a.workdir, name))
+        return
+
+    import subprocess
+
+    if not os.path.exists(os.path.join(DATA_DIR, "dataset_info.json")):  # build once, before parallel jobs
+        from facemae_jax import train
+
+        train.ensure_dataset(jobs[0][1])
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    state = {"results": {}}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            state = json.load(f)
+    state.update(command=" ".join(["python -m benchmarks.synthetic_study"] + argv), seeds=a.seeds,
+                 steps=dict(pretrain=pre_steps, finetune=ft_steps, probe=probe_steps), parallel=a.parallel,
+                 data=dict(dir=DATA_DIR, **common.DATA), chance_uar=100 / 7)
+    results = state["results"]
+    t_all = time.time()
+    todo = [(n, init) for n, _, init in jobs if n not in results]
+    running = {}  # name -> (Popen, log file, t0)
+    os.makedirs(a.workdir, exist_ok=True)
+    while todo or running:
+        for n in list(running):
+            proc, log, t0 = running[n]
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[n]
+            path = os.path.join(a.workdir, n, "study_result.json")
+            if proc.returncode or not os.path.exists(path):
+                print(f"[study] {n}: FAILED (exit {proc.returncode}), log {log.name}", flush=True)
+                results[n] = dict(result={}, failed=True, returncode=proc.returncode, log=log.name,
+                                  wall_s=time.time() - t0)
+                todo = [(m, i) for m, i in todo if i != n]  # drop dependents
+            else:
+                with open(path) as f:
+                    results[n] = json.load(f)
+                print(f"[study] {n}: {json.dumps(results[n]['result'], default=float)[:160]} "
+                      f"({results[n]['wall_s']:.0f}s)", flush=True)
+            state["wall_s_this_invocation"] = time.time() - t_all
+            state["summary"] = summarize(results)
+            with open(a.out, "w") as f:
+                json.dump(state, f, indent=1, default=float)
+        ready = [(n, i) for n, i in todo if i is None or (i in results and not results[i].get("failed"))]
+        while ready and len(running) < a.parallel:
+            n, _ = ready.pop(0)
+            todo = [(m, i) for m, i in todo if m != n]
+            os.makedirs(os.path.join(a.workdir, n), exist_ok=True)
+            log = open(os.path.join(a.workdir, n, "study.log"), "w")
+            cmd = [sys.executable, "-m", "benchmarks.synthetic_study", "--job", n, "--workdir",
+                   a.workdir.removesuffix("_quick") if a.quick else a.workdir, "--seeds", *map(str, a.seeds),
+                   "--parts", *a.parts, "--pretrain-steps", str(pre_steps), "--finetune-steps", str(ft_steps),
+                   "--probe-steps", str(probe_steps)] + (["--quick"] if a.quick else [])
+            env = dict(os.environ, TQDM_DISABLE="1")
+            running[n] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                          time.time())
+            print(f"[study] started {n}", flush=True)
+        time.sleep(2)
+
+    rows = summarize(results)
+    state["summary"] = rows
+    state["wall_s_this_invocation"] = time.time() - t_all
+    res_dir = os.path.dirname(a.out)
+    tag = "_quick" if a.quick else ""
+    pre_dir = os.path.join(a.workdir, "pre", "lgi", "eval")
+    if os.path.isdir(pre_dir):
+        pngs = sorted(x for x in os.listdir(pre_dir) if x.startswith("reconstruction_step"))
+        if pngs:
+            shutil.copy(os.path.join(pre_dir, pngs[-1]), os.path.join(res_dir, f"reconstruction_lgi{tag}.png"))
+    ft_runs = [(v["result"]["uar"], k) for k, v in results.items() if k.startswith("ft/") and "uar" in v["result"]]
+    if ft_runs:
+        best = max(ft_runs)[1]
+        src = os.path.join(results[best]["workdir"], "eval", "final_confusion.png")
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(res_dir, f"confusion_best{tag}.png"))
+            state["best_finetune"] = best
+    with open(a.out, "w") as f:
+        json.dump(state, f, indent=1, default=float)
+    print("\n" + table(rows, results), flush=True)
+    print(f"\n[study] this invocation: {state['wall_s_this_invocation']:.0f}s; results in {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
