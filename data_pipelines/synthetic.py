@@ -372,6 +372,13 @@ class HeadPose:
     yaw: np.ndarray
 
 
+# Framing: the head's size unit as a fraction of the frame, and the face centre height. (0.22, 0.27) / 0.5 shows
+# hair, neck and shoulders with the face ~30 px wide in a 64 px frame; (0.36, 0.42) / 0.56 is a tight face crop
+# like the DFEW / FERV39k crops, which small token grids need to see expressions at all.
+FACE_SCALE = (0.36, 0.42)
+FACE_CENTRE_Y = 0.56
+
+
 def sample_head_pose(rng: np.random.Generator, frames: int, size: int) -> HeadPose:
     """A face-crop framing (face fills most of the frame, as in DFEW/FERV39k crops) plus smooth head motion."""
     T, S = frames, size
@@ -385,8 +392,8 @@ def sample_head_pose(rng: np.random.Generator, frames: int, size: int) -> HeadPo
 
     drift = rng.uniform(-0.02, 0.02, 2)[None, :] * S * (np.arange(T) / max(T - 1, 1))[:, None]
     centre = np.stack([S * (0.5 + rng.uniform(-0.04, 0.04)) + wobble(0.02 * S),
-                       S * (0.5 + rng.uniform(-0.03, 0.06)) + wobble(0.02 * S)], -1) + drift
-    scale = S * rng.uniform(0.22, 0.27) * (1 + wobble(0.03, 1))
+                       S * (FACE_CENTRE_Y + rng.uniform(-0.03, 0.06)) + wobble(0.02 * S)], -1) + drift
+    scale = S * rng.uniform(*FACE_SCALE) * (1 + wobble(0.03, 1))
     roll = np.deg2rad(rng.uniform(-8, 8) + wobble(4.0))
     yaw = rng.uniform(-0.08, 0.08) + wobble(0.07)
     return HeadPose(centre=centre, scale=scale, roll=roll, yaw=yaw)

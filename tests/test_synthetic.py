@@ -145,7 +145,7 @@ def _mouth_contrast(video, meta, t):
 
 def test_expressions_differ_on_average():
     """Apex versus the least expressive frame of the same clip: surprise (jaw drop) opens the mouth, angry (lip
-    press) closes it; same people for both classes."""
+    press) does not; same people for both classes."""
     change = {}
     for name in ("surprise", "angry"):
         values = []
@@ -157,7 +157,9 @@ def test_expressions_differ_on_average():
                           - _mouth_contrast(video, meta, int(envelope.argmin())))
         change[name] = np.array(values)
     assert change["surprise"].mean() > change["angry"].mean() + 8, change
-    assert (change["surprise"] > 0).mean() >= 0.75 and (change["angry"] < 0).mean() >= 0.75, change
+    assert (change["surprise"] > 0).mean() >= 0.75, change
+    # angry never opens the mouth: every angry clip changes less than every surprise clip
+    assert change["angry"].max() < change["surprise"].min(), change
 
 
 def _nearest_class_mean_accuracy(train_x, train_y, test_x, test_y):
