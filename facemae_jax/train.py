@@ -435,7 +435,9 @@ def export(workdir, params, cfg: ModelConfig, config, info, step) -> None:
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     if jax.process_index() != 0:
         return
-    meta = {"model_name": config.model.name, "step": int(step), "task": config.task,
+    # "task" is what the head predicts (inference reads it); "job" is how the model was trained
+    task = "pretrain" if config.task == "pretrain" else config.data.get("task", "classification")
+    meta = {"model_name": config.model.name, "step": int(step), "task": task, "job": config.task,
             "sampling_rate": int(config.data.sampling_rate), "dataset": info.get("name"),
             "class_names": info.get("class_names"), "target_names": info.get("target_names")}
     convert.save_converted(os.path.join(workdir, "export"), host, cfg, meta)

@@ -226,6 +226,10 @@ def test_final_eval_outputs_and_eval_mode(tmp_path, tiny_data):
     assert res["num_clips"] == 14 and 0 <= res["uar"] <= 1
     assert (work / "eval" / "final_confusion.png").exists() and (work / "config.json").exists()
     assert (work / "tb").is_dir() and (work / "metrics.jsonl").exists()
+    from facemae_jax import inference  # the export is what predict / extract load
+
+    loaded = inference.load_model(str(work))
+    assert loaded.task == "classification" and loaded.sampling_rate == 2 and len(loaded.class_names) == 7
     e = _launch(config, str(tmp_path / "evalonly"), "--mode=eval", f"--checkpoint={work}")
     assert e.returncode == 0, e.stdout + e.stderr
     res2 = json.load(open(tmp_path / "evalonly" / "eval" / "final_metrics.json"))
