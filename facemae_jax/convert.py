@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -195,6 +195,20 @@ def pretrain_to_finetune(
 # On-disk format of converted / exported models
 # ------------------------------------------------------------------------------------------------------------
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``['num_frames=8', 'region_size=[2,2,4]']`` (CLI ``--override KEY=JSON``) -> {'num_frames': 8, ...}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--override expects KEY=VALUE with a JSON value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare word such as tube_window is meant as a string
+    return out
+
+
 MODEL_JSON = "model.json"
 
 
@@ -239,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", action="append", default=[], help="ModelConfig override key=value (JSON value)")
     args = ap.parse_args(argv)
 
-    overrides: dict[str, Any] = {}
-    for item in args.override:
-        k, _, v = item.partition("=")
-        overrides[k] = json.loads(v)
+    overrides = parse_overrides(args.override)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
     cfg = registry.get_config(args.model, **overrides)

@@ -180,8 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", metavar="VIDEO_OR_SHARDS",
                     help="video files, or one shard directory / .array_record file / glob")
-    ap.add_argument("--checkpoint", required=True, help="converted dir, training workdir, or official .pth/.npz")
-    ap.add_argument("--model", default=None, help="registered model name (needed for official checkpoint files)")
     ap.add_argument("--out", required=True, help="output .npz file")
     ap.add_argument("--tokens", action="store_true", help="also store the per-token features (large)")
     ap.add_argument("--batch", type=int, default=8, help="clips per forward pass")
@@ -189,10 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_face_crop", action="store_true", help="videos: use whole frames resized to the input")
     ap.add_argument("--detect_every", type=int, default=1, help="videos: run the face detector every N frames")
     ap.add_argument("--split", default=None, help="shards: only this split of the dataset directory")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
-                    help="ModelConfig field of an official checkpoint's model that differs from the registered "
-                         "one (repeatable), as in facemae_jax.convert")
-    ap.add_argument("--sampling_rate", type=int, default=None, help="override the checkpoint's sampling rate")
+    inference.add_model_args(ap)
     return ap
 
 

@@ -28,6 +28,7 @@ configuration, and run with the parameters placed on the device once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from facemae_jax import convert, targets
+from facemae_jax.convert import parse_overrides  # noqa: F401  (re-exported for the CLIs)
 from facemae_jax.models import registry
 from facemae_jax.models.config import ModelConfig
 
@@ -236,18 +238,16 @@ def _load_official(path: str, model: str | None, num_classes: int | None, overri
     return params, cfg, meta, head_trained, model
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``['num_frames=8', 'region_size=[2,2,4]']`` (CLI ``--override KEY=JSON``) -> {'num_frames': 8, ...}."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--override expects KEY=VALUE with a JSON value, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # a bare word such as tube_window is meant as a string
-    return out
+def add_model_args(ap: argparse.ArgumentParser, *, pretrain: bool = False) -> None:
+    """The model-loading flags shared by predict, extract and visualize_mae (``load_model``'s arguments)."""
+    kind = "pre-train model: " if pretrain else ""
+    ap.add_argument("--checkpoint", required=True, help=f"{kind}converted dir, training workdir, or official .pth/.npz")
+    ap.add_argument("--model", default=None,
+                    help=f"registered {'pre-train ' if pretrain else ''}model name (needed for official checkpoint files)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                    help="ModelConfig field of an official checkpoint's model that differs from the registered "
+                         "one (repeatable), as in facemae_jax.convert")
+    ap.add_argument("--sampling_rate", type=int, default=None, help="override the checkpoint's sampling rate")
 
 
 def _class_names(path: str, cfg: ModelConfig, given: Sequence[str] | str | None, meta: dict) -> tuple[str, ...]:

@@ -254,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m facemae_jax.predict", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (anything FFmpeg decodes)")
-    ap.add_argument("--checkpoint", required=True, help="converted dir, training workdir, or official .pth/.npz")
-    ap.add_argument("--model", default=None, help="registered model name (needed for official checkpoint files)")
     ap.add_argument("--out", default="predictions", help="output directory (default: ./predictions)")
     ap.add_argument("--stride_frames", type=int, default=None,
                     help="source frames between window starts (default: half a window span)")
@@ -265,11 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_face_crop", action="store_true",
                     help="use whole frames resized to the input size (videos that are already face crops)")
     ap.add_argument("--detect_every", type=int, default=1, help="run the face detector on every N-th frame")
-    ap.add_argument("--sampling_rate", type=int, default=None, help="override the checkpoint's sampling rate")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
-                    help="ModelConfig field of an official checkpoint's model that differs from the registered "
-                         "one (repeatable), as in facemae_jax.convert")
     ap.add_argument("--class_names", default=None, help="comma-separated class names (override the checkpoint's)")
+    inference.add_model_args(ap)
     return ap
 
 

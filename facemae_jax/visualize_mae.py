@@ -67,18 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m facemae_jax.visualize_mae", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", metavar="VIDEO_OR_SHARDS", help="a video file, or a shard directory / file / glob")
-    ap.add_argument("--checkpoint", required=True, help="pre-train model: converted dir, workdir, or official .pth")
-    ap.add_argument("--model", default=None, help="registered pre-train model name (for official files)")
     ap.add_argument("--out", required=True, help="output PNG")
     ap.add_argument("--index", type=int, default=0, help="record of the shards / window of the video (default 0)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the mask")
     ap.add_argument("--frame_diff", choices=("auto", "on", "off"), default="auto",
                     help="prediction holds frame differences (auto: yes for the LGI / MAE-DFER family)")
     ap.add_argument("--no_face_crop", action="store_true", help="videos: use whole frames resized to the input")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
-                    help="ModelConfig field of an official checkpoint's model that differs from the registered "
-                         "one (repeatable), as in facemae_jax.convert")
-    ap.add_argument("--sampling_rate", type=int, default=None, help="override the checkpoint's sampling rate")
+    inference.add_model_args(ap, pretrain=True)
     return ap
 
 
