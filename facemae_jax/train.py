@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -372,13 +373,24 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     return result
 
 
+# Periodic evals reuse one compiled step per (model, config) instead of re-jitting a new closure every time.
+@functools.lru_cache(maxsize=8)
+def _jitted_eval_step(model, cfg: ModelConfig):
+    return jax.jit(steps.make_eval_step(model, cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_pretrain_eval_step(model, cfg: ModelConfig, frame_diff: bool):
+    return jax.jit(steps.make_pretrain_eval_step(model, cfg, frame_diff=frame_diff))
+
+
 def periodic_eval(config, cfg, model, params, mesh, data_dir, info, workdir, step, logger, final=False):
     out_dir = os.path.join(workdir, "eval")
     if config.task == "pretrain":
         return reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, step, logger)
     task = config.data.get("task", "classification")
     pipe = eval_pipeline(config, cfg, data_dir, config.data.eval_split, mesh)
-    eval_fn = jax.jit(steps.make_eval_step(model, cfg))
+    eval_fn = _jitted_eval_step(model, cfg)
     tag = "final" if final else f"step{step}"
     res = evaluate.run_eval(eval_fn, params, pipe, mesh, task=task, class_names=info.get("class_names"),
                             target_names=info.get("target_names"), out_dir=out_dir, tag=tag)
@@ -410,7 +422,7 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
     batch = next(it)
     it.close()
     fd = config.pretrain.frame_diff
-    loss, pred = jax.jit(steps.make_pretrain_eval_step(model, cfg, frame_diff=fd))(
+    loss, pred = _jitted_pretrain_eval_step(model, cfg, fd)(
         params, sharding.put_batch(batch, mesh))
     loss = float(loss)
     logger.scalars(step, {"eval/recon_loss": loss})
