@@ -57,9 +57,17 @@ def make_pretrain_step(model, cfg: ModelConfig, tx: optax.GradientTransformation
             return targets.reconstruction_loss(pred, tgt, diff_weight)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        return _finish(state, grads, loss, tx, {})
+        return _finish(state, grads, loss, tx, {"zero_loss": zero_prediction_loss(tgt, diff_weight)})
 
     return step
+
+
+def zero_prediction_loss(target: jax.Array, diff_weight: float | None = None) -> jax.Array:
+    """The loss of predicting 0 for every masked token: the trivial baseline of per-patch-normalised targets.
+
+    A pre-training loss that stays at this value means the model has learned nothing beyond the targets' mean
+    (0 by construction); the trainer logs ``loss / zero_loss`` so that is visible at a glance."""
+    return targets.reconstruction_loss(jnp.zeros_like(target), target, diff_weight)
 
 
 def classification_loss(logits: jax.Array, soft_targets: jax.Array) -> jax.Array:
@@ -118,7 +126,7 @@ def make_eval_step(model, cfg: ModelConfig) -> Callable:
 
 
 def make_pretrain_eval_step(model, cfg: ModelConfig, *, frame_diff: bool) -> Callable:
-    """(params, batch) -> (loss, predictions) without dropout, for the reconstruction figure and eval loss."""
+    """(params, batch) -> (loss, zero-prediction loss, predictions) without dropout, for the reconstruction figure and eval loss."""
     nv = num_visible_tokens(cfg)
 
     def step(params, batch):
@@ -128,6 +136,6 @@ def make_pretrain_eval_step(model, cfg: ModelConfig, *, frame_diff: bool) -> Cal
         tgt = targets.reconstruction_targets(pixels.astype(jnp.float32) / 255.0, mask_idx, patch=cfg.patch_size,
                                              tubelet=cfg.tubelet_size, frame_diff=frame_diff)
         pred = model.apply({"params": params}, x, batch["mask"], train=False)
-        return targets.reconstruction_loss(pred, tgt), pred
+        return targets.reconstruction_loss(pred, tgt), zero_prediction_loss(tgt), pred
 
     return step

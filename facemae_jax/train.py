@@ -301,10 +301,13 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     ckpt_every = config.checkpoint.every_steps
     from tqdm import tqdm
 
-    bar = tqdm(total=stop_at, initial=start, desc=config.task, unit="step", disable=not is_main,
+    # an explicit disable= overrides tqdm's own TQDM_DISABLE handling, so honour it here (log files stay readable)
+    quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    bar = tqdm(total=stop_at, initial=start, desc=config.task, unit="step", disable=not is_main or quiet,
                dynamic_ncols=True)
     pending: list[tuple[int, dict]] = []
     window_losses: list[float] = []
+    window_zero: list[float] = []  # pre-training: the zero-prediction baseline of the same batches
     t_window, clips_window = time.time(), 0
     result: dict[str, Any] = {}
 
@@ -323,6 +326,8 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
                     "learning rate or check the data, then rerun the same command to resume from it."
                 )
             window_losses.append(float(m["loss"]))
+            if "zero_loss" in m:
+                window_zero.append(float(m["zero_loss"]))
             last_metrics.update({k: float(v) for k, v in m.items() if k != "finite"})
 
     last_metrics: dict[str, float] = {}
@@ -345,9 +350,12 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
                     "perf/clips_per_s": clips_window / max(dt, 1e-9),
                     "perf/step_time_s": dt / max(len(window_losses), 1),
                 }
+                if window_zero:  # < 1: the model predicts masked content better than the trivial all-zero guess
+                    vals["train/loss_vs_zero"] = float(np.sum(window_losses) / np.sum(window_zero))
                 logger.scalars(done, vals)
                 bar.set_postfix(loss=f"{vals['train/loss']:.4f}", lr=f"{vals['train/lr']:.2e}")
                 window_losses.clear()
+                window_zero.clear()
                 t_window, clips_window = time.time(), 0
             if done % ckpt_every == 0 and done != stop_at:
                 drain(upto_all=True)
@@ -422,11 +430,11 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
     batch = next(it)
     it.close()
     fd = config.pretrain.frame_diff
-    loss, pred = _jitted_pretrain_eval_step(model, cfg, fd)(
+    loss, zero, pred = _jitted_pretrain_eval_step(model, cfg, fd)(
         params, sharding.put_batch(batch, mesh))
-    loss = float(loss)
-    logger.scalars(step, {"eval/recon_loss": loss})
-    res = {"recon_loss": loss}
+    loss, zero = float(loss), float(zero)
+    logger.scalars(step, {"eval/recon_loss": loss, "eval/recon_loss_vs_zero": loss / zero})
+    res = {"recon_loss": loss, "recon_loss_vs_zero": loss / zero}
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"reconstruction_step{step}.png")

@@ -69,6 +69,31 @@ def test_sharded_step_matches_single_device(mode):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str((shape, p)))
 
 
+def test_pretrain_step_reports_the_zero_prediction_baseline():
+    """The step's zero_loss is the MSE of an all-zero prediction on the same masked targets (so the trainer's
+    loss / zero_loss says whether pre-training beats the trivial guess); with diff_weight it uses the same weighting."""
+    from facemae_jax import targets
+    from facemae_jax.models.mae import num_visible_tokens, split_mask
+
+    cfg = get_config("lgi_tiny_pretrain", **SMALL_LGI)
+    model = create_model(cfg)
+    tx = optax.adamw(1e-3)
+    batch = _batch(cfg, "pretrain")
+    _, mask_idx = split_mask(jnp.asarray(batch["mask"]), num_visible_tokens(cfg))
+    tgt = targets.reconstruction_targets(jnp.asarray(batch["video"], jnp.float32) / 255.0, mask_idx,
+                                         patch=cfg.patch_size, tubelet=cfg.tubelet_size, frame_diff=True)
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    for w in (None, 0.8):
+        state, _ = _state(model, cfg, tx, mesh)
+        _, m = jax.jit(steps.make_pretrain_step(model, cfg, tx, 0, frame_diff=True, diff_weight=w))(state, batch)
+        half = tgt.shape[-1] // 2
+        want = (float(jnp.mean(tgt ** 2)) if w is None
+                else 0.2 * float(jnp.mean(tgt[..., :half] ** 2)) + 0.8 * float(jnp.mean(tgt[..., half:] ** 2)))
+        assert float(m["zero_loss"]) == pytest.approx(want, rel=1e-5)
+        assert 0.5 < float(m["loss"]) / float(m["zero_loss"]) < 2  # an untrained model is near the baseline
+    assert float(steps.zero_prediction_loss(tgt)) > 0 and float(targets.reconstruction_loss(tgt, tgt)) == 0.0
+
+
 def test_optimizer_groups_on_base_models_match_spec():
     """FINETUNING §5 on the real parameter trees of the published fine-tune models."""
     lgi = abstract_params(create_model(get_config("vit_base_dim512_no_depth_patch16_160")))
