@@ -39,17 +39,18 @@ FRAMES, SAMPLING_RATE, MAP_SIZE = 16, 2, 16
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1)
 
 
-def load_splits(data_dir: str, splits=("pretrain", "train", "test")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """split -> (uint8 [N, 16, H, W, 3] sampled like the study's clips, labels [N] (-1 when unlabelled))."""
+def load_splits(data_dir: str, limits: dict[str, int | None]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (uint8 [N, 16, H, W, 3] sampled like the study's clips, labels [N] (-1 when unlabelled)), decoding
+    at most ``limits[split]`` clips of each split (None: all)."""
     info = records.load_dataset_info(data_dir)
-    clips: dict[str, list] = {s: [] for s in splits}
-    labels: dict[str, list] = {s: [] for s in splits}
+    clips: dict[str, list] = {s: [] for s in limits}
+    labels: dict[str, list] = {s: [] for s in limits}
     for rec in records.read_records([os.path.join(data_dir, s) for s in info["shards"]]):
-        if rec.split in clips:
+        if rec.split in limits and (limits[rec.split] is None or len(clips[rec.split]) < limits[rec.split]):
             idx = [min(i * SAMPLING_RATE, rec.num_frames - 1) for i in range(FRAMES)]
             clips[rec.split].append(records.decode_frames(rec, idx))
             labels[rec.split].append(-1 if rec.label is None else int(rec.label))
-    return {s: (np.stack(clips[s]), np.asarray(labels[s])) for s in splits if clips[s]}
+    return {s: (np.stack(clips[s]), np.asarray(labels[s])) for s in limits if clips[s]}
 
 
 def handmade_features(video: np.ndarray, kind: str) -> np.ndarray:
@@ -82,7 +83,8 @@ def linear_probe_uar(f_train, y_train, f_test, y_test, num_classes: int, weight_
 
     def loss(p):
         logits = xtr @ p[0] + p[1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y_train).mean() + weight_decay * jnp.sum(p[0] ** 2)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_train).mean()
+        return ce + weight_decay * jnp.sum(p[0] ** 2)
 
     @jax.jit
     def update(p, s):
@@ -126,7 +128,7 @@ def main(argv=None):
                  "`python -m data_pipelines.synthetic`)")
     info = records.load_dataset_info(a.data)
     num_classes = len(info["class_names"])
-    data = load_splits(a.data)
+    data = load_splits(a.data, {"pretrain": a.recon_clips, "train": None, "test": None})
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
     probes = {}
     for kind in ("static", "motion", "absdiff"):
@@ -138,11 +140,12 @@ def main(argv=None):
     if "pretrain" in data:
         for patch in (16, 8):
             recon[f"patch{patch}"] = {k: round(v, 4) for k, v in
-                                      reconstruction_baselines(data["pretrain"][0][:a.recon_clips], patch).items()}
+                                      reconstruction_baselines(data["pretrain"][0], patch).items()}
             print(f"reconstruction baselines, patch {patch}: {recon[f'patch{patch}']}", flush=True)
     out = dict(command=" ".join(["python -m benchmarks.synthetic_diagnostics"] + argv), data=a.data,
                creation_command=info.get("creation_command"), chance_uar=100 / num_classes,
-               clips={s: int(len(v[1])) for s, v in data.items()}, frames=FRAMES, sampling_rate=SAMPLING_RATE,
+               clips={s: len(info["splits"][s]) for s in data}, recon_clips=len(data.get("pretrain", ((), ()))[1]),
+               frames=FRAMES, sampling_rate=SAMPLING_RATE,
                map_size=MAP_SIZE, linear_probe_test_uar=probes, reconstruction_baselines=recon,
                wall_s=round(time.time() - t0, 1))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -129,8 +129,9 @@ def table(rows, results):
                   "|---|---|---|---|---|"]
         nan = float("nan")
         for k, v in pre:
-            lines.append(f"| {k} | {v.get('final_train_loss') or nan:.4f} | {v.get('final_loss_vs_zero') or nan:.3f} | "
-                         f"{v['result'].get('recon_loss', nan):.4f} | {v['wall_s']:.0f} |")
+            lines.append(f"| {k} | {v.get('final_train_loss') or nan:.4f} | "
+                         f"{v.get('final_loss_vs_zero') or nan:.3f} | {v['result'].get('recon_loss', nan):.4f} | "
+                         f"{v['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

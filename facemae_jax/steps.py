@@ -126,7 +126,8 @@ def make_eval_step(model, cfg: ModelConfig) -> Callable:
 
 
 def make_pretrain_eval_step(model, cfg: ModelConfig, *, frame_diff: bool) -> Callable:
-    """(params, batch) -> (loss, zero-prediction loss, predictions) without dropout, for the reconstruction figure and eval loss."""
+    """(params, batch) -> (loss, zero-prediction loss, predictions) without dropout, for the reconstruction
+    figure and the eval loss."""
     nv = num_visible_tokens(cfg)
 
     def step(params, batch):
