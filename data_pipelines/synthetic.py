@@ -144,6 +144,42 @@ INTENSITY_RANGE = (0.35, 1.0)  # some clips are subtle
 BLEND_PROBABILITY = 0.25  # share of non-neutral clips that mix in a second, weaker expression
 BLEND_WEIGHT = (0.15, 0.45)  # that expression's weight relative to the labelled one
 
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """How much nuisance surrounds the expression: the recording conditions of a dataset.
+
+    ``wild`` (the default) is the DFEW / FERV39k-like setting described in the module docstring. ``posed`` is a
+    lab recording like CK+ / MMI / Oulu-CASIA: every clip runs from (near) neutral to a full-intensity apex of one
+    prototype, the subject does not talk, holds the head still, sits in front of a plain backdrop under a steady
+    camera. Identities, action units, expression prototypes and timing are the same in both, so the scenarios
+    differ only in nuisance. The random draws are the same too (factors scale what was drawn), except that a plain
+    backdrop skips the clutter draws, so ``wild`` clips are byte-identical to those of earlier versions.
+    """
+
+    name: str
+    onset_range: tuple[float, float] = ONSET_RANGE
+    intensity_range: tuple[float, float] = INTENSITY_RANGE
+    blend_probability: float = BLEND_PROBABILITY
+    talk: float = 1.0  # factor on the talking amplitude
+    fluctuation: float = 1.0  # factor on the idiosyncratic AU drift
+    head_motion: float = 1.0  # factor on the head pose jitter (offset, wobble, drift, roll, yaw)
+    cluttered_background: bool = True  # blurred colour noise and clutter shapes behind the head
+    camera: float = 1.0  # factor on lighting gradient, gain spread, flicker, defocus and sensor noise
+
+
+SCENARIOS = {
+    "wild": Scenario("wild"),
+    "posed": Scenario("posed", onset_range=(0.0, 0.3), intensity_range=(0.8, 1.0), blend_probability=0.0, talk=0.0,
+                      fluctuation=0.3, head_motion=0.25, cluttered_background=False, camera=0.5),
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown synthetic scenario {name!r}; choose one of {sorted(SCENARIOS)}")
+    return SCENARIOS[name]
+
 # ---------------------------------------------------------------------------------------------------------------
 # Identity
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,7 +307,8 @@ class Dynamics:
     blend: tuple[str, float] | None  # (second expression, relative weight) mixed into the labelled one
 
 
-def sample_dynamics(rng: np.random.Generator, expression: str, frames: int) -> Dynamics:
+def sample_dynamics(rng: np.random.Generator, expression: str, frames: int,
+                    scenario: Scenario = SCENARIOS["wild"]) -> Dynamics:
     """Action-unit tracks for one clip: expression event + speech + blinks + idiosyncratic drift."""
     T = frames
     t = np.arange(T, dtype=np.float64)
@@ -286,17 +323,17 @@ def sample_dynamics(rng: np.random.Generator, expression: str, frames: int) -> D
             weights[k] = w * rng.uniform(0.75, 1.2)
     # real expressions are often blends (and annotators then disagree): sometimes mix in a weaker second prototype
     blend = None
-    if weights and rng.uniform() < BLEND_PROBABILITY:
+    if weights and rng.uniform() < scenario.blend_probability:
         others = [c for c in CLASS_NAMES if c not in (expression, "neutral")]
         blend = (others[int(rng.integers(len(others)))], float(rng.uniform(*BLEND_WEIGHT)))
         for k, w in PROTOTYPES[blend[0]][0].items():
             weights[k] = weights.get(k, 0.0) + blend[1] * w
     rise_r, hold_r, decay_r = TIMING[expression]
-    onset = rng.uniform(*ONSET_RANGE) * T
+    onset = rng.uniform(*scenario.onset_range) * T
     rise = max(rng.uniform(*rise_r) * T, 1.0)
     hold = rng.uniform(*hold_r) * T
     decay = max(rng.uniform(*decay_r) * T, 1.0)
-    intensity = float(rng.uniform(*INTENSITY_RANGE))
+    intensity = float(rng.uniform(*scenario.intensity_range))
     lags = rng.uniform(-0.04, 0.04, len(ACTION_UNITS)) * T  # AUs of one expression do not move in lockstep
     tl = t[:, None] - lags[None, :]
     env_au = _smoothstep((tl - onset) / rise) * (1 - _smoothstep((tl - onset - rise - hold) / decay))
@@ -307,13 +344,13 @@ def sample_dynamics(rng: np.random.Generator, expression: str, frames: int) -> D
         aus[:, AU[k]] += intensity * w * env_au[:, AU[k]]
 
     # 2. idiosyncratic slow fluctuations of every AU (faces are never perfectly still)
-    amp = rng.uniform(0, 0.07, len(ACTION_UNITS))
+    amp = rng.uniform(0, 0.07, len(ACTION_UNITS)) * scenario.fluctuation
     freq = rng.uniform(0.3, 1.2, len(ACTION_UNITS))
     phase = rng.uniform(0, 2 * np.pi, len(ACTION_UNITS))
     aus += amp * 0.5 * (1 + np.sin(2 * np.pi * freq * seconds[:, None] + phase))
 
     # 3. talking: syllable-rate jaw/lip motion, gated into speech segments
-    talk_amp = 0.0 if rng.uniform() < 0.25 else float(rng.uniform(0.15, 0.7))
+    talk_amp = 0.0 if rng.uniform() < 0.25 else float(rng.uniform(0.15, 0.7)) * scenario.talk
     f1, f2 = rng.uniform(3.0, 5.5), rng.uniform(1.5, 3.0)
     p1, p2, p3 = rng.uniform(0, 2 * np.pi, 3)
     syllables = 0.5 + 0.5 * np.sin(2 * np.pi * f1 * seconds + p1) + 0.25 * np.sin(2 * np.pi * f2 * seconds + p2)
@@ -379,9 +416,11 @@ FACE_SCALE = (0.36, 0.42)
 FACE_CENTRE_Y = 0.56
 
 
-def sample_head_pose(rng: np.random.Generator, frames: int, size: int) -> HeadPose:
+def sample_head_pose(rng: np.random.Generator, frames: int, size: int,
+                     scenario: Scenario = SCENARIOS["wild"]) -> HeadPose:
     """A face-crop framing (face fills most of the frame, as in DFEW/FERV39k crops) plus smooth head motion."""
     T, S = frames, size
+    m = scenario.head_motion
     seconds = np.arange(T) / FPS
 
     def wobble(amplitude: float, n: int = 2) -> np.ndarray:
@@ -390,12 +429,12 @@ def sample_head_pose(rng: np.random.Generator, frames: int, size: int) -> HeadPo
             out += rng.uniform(0, amplitude) * np.sin(2 * np.pi * rng.uniform(0.2, 1.3) * seconds + rng.uniform(0, 6.3))
         return out
 
-    drift = rng.uniform(-0.02, 0.02, 2)[None, :] * S * (np.arange(T) / max(T - 1, 1))[:, None]
-    centre = np.stack([S * (0.5 + rng.uniform(-0.04, 0.04)) + wobble(0.02 * S),
-                       S * (FACE_CENTRE_Y + rng.uniform(-0.03, 0.06)) + wobble(0.02 * S)], -1) + drift
-    scale = S * rng.uniform(*FACE_SCALE) * (1 + wobble(0.03, 1))
-    roll = np.deg2rad(rng.uniform(-8, 8) + wobble(4.0))
-    yaw = rng.uniform(-0.08, 0.08) + wobble(0.07)
+    drift = m * rng.uniform(-0.02, 0.02, 2)[None, :] * S * (np.arange(T) / max(T - 1, 1))[:, None]
+    centre = np.stack([S * (0.5 + m * rng.uniform(-0.04, 0.04)) + m * wobble(0.02 * S),
+                       S * (FACE_CENTRE_Y + m * rng.uniform(-0.03, 0.06)) + m * wobble(0.02 * S)], -1) + drift
+    scale = S * rng.uniform(*FACE_SCALE) * (1 + m * wobble(0.03, 1))
+    roll = np.deg2rad(m * (rng.uniform(-8, 8) + wobble(4.0)))
+    yaw = m * (rng.uniform(-0.08, 0.08) + wobble(0.07))
     return HeadPose(centre=centre, scale=scale, roll=roll, yaw=yaw)
 
 
@@ -409,14 +448,17 @@ def _random_colour(rng: np.random.Generator, lo: float = 20, hi: float = 235, sa
     return np.clip(grey + rng.normal(0, sat * 45, 3), 0, 255)
 
 
-def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """float32 [S, S, 3]: a gradient, optionally mixed with blurred colour noise and blurred clutter."""
+def render_background(rng: np.random.Generator, size: int, cluttered: bool = True) -> np.ndarray:
+    """float32 [S, S, 3]: a gradient, optionally (``cluttered``) mixed with blurred colour noise and blurred
+    clutter."""
     S = size
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / max(S - 1, 1)
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) + 0.5
     c1, c2 = _random_colour(rng), _random_colour(rng)
     bg = (c1[None, None] * (1 - ramp[..., None]) + c2[None, None] * ramp[..., None]).astype(np.float32)
+    if not cluttered:
+        return np.clip(bg, 0, 255).astype(np.float32)
     if rng.uniform() < 0.5:
         k = int(rng.integers(2, 7))
         low = rng.uniform(0, 255, (k, k, 3)).astype(np.float32)
@@ -920,18 +962,19 @@ def draw_glasses(dl: DrawList, ident: FaceIdentity) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def apply_camera(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
+def apply_camera(rng: np.random.Generator, frames: np.ndarray, strength: float = 1.0) -> np.ndarray:
     """uint8 [T, S, S, 3] -> uint8: directional light with brightness/tint, slight flicker, optional defocus blur,
-    sensor noise (mostly luminance, plus a little chroma)."""
+    sensor noise (mostly luminance, plus a little chroma); ``strength`` scales all of them."""
     T, S = frames.shape[:2]
+    k = float(strength)
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / max(S - 1, 1) - 0.5
     phi = rng.uniform(0, 2 * np.pi)
-    light = 1 + rng.uniform(0, 0.4) * (np.cos(phi) * xx + np.sin(phi) * yy)
-    gain = (rng.uniform(0.75, 1.15) * (1 + rng.uniform(-0.05, 0.05, 3))).astype(np.float32)
+    light = 1 + k * rng.uniform(0, 0.4) * (np.cos(phi) * xx + np.sin(phi) * yy)
+    gain = (1 + k * (rng.uniform(0.75, 1.15) * (1 + rng.uniform(-0.05, 0.05, 3)) - 1)).astype(np.float32)
     light_map = light[:, :, None] * gain  # [S, S, 3]
-    flicker = (1 + rng.normal(0, 0.01, T)).astype(np.float32)
-    blur_sigma = rng.uniform(0.3, 0.9) * S / 160 if rng.uniform() < 0.6 else 0.0
-    noise_sigma = np.float32(rng.uniform(1.0, 5.0))
+    flicker = (1 + k * rng.normal(0, 0.01, T)).astype(np.float32)
+    blur_sigma = k * rng.uniform(0.3, 0.9) * S / 160 if rng.uniform() < 0.6 else 0.0
+    noise_sigma = np.float32(k * rng.uniform(1.0, 5.0))
     # Gaussian sampling dominated the cost of a clip, so each frame takes a randomly offset window of one noise
     # bank per clip (mostly luminance, some chroma): frame-to-frame the noise at a pixel is still uncorrelated.
     margin = 24
@@ -957,14 +1000,16 @@ def apply_camera(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
 
 
 def generate_clip(rng: np.random.Generator, label: int | None, *, frames: int = 32, size: int = 160,
-                  identity: FaceIdentity | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                  identity: FaceIdentity | None = None, scenario: str = "wild") -> tuple[np.ndarray, dict[str, Any]]:
     """Render one clip -> (uint8 [frames, size, size, 3], meta).
 
     ``label`` is a class index into CLASS_NAMES; ``None`` (unlabelled pretraining clip) still shows a random
     expression, drawn from ``rng``, so pretraining sees the same kind of facial dynamics. ``identity`` None draws a
     fresh person from ``rng``. ``meta`` is msgpack-able: expression, identity, timing (frames), intensity,
-    per-frame envelope, action-unit tracks, mouth centre and brow height in pixels.
+    per-frame envelope, action-unit tracks, mouth centre and brow height in pixels. ``scenario`` names the
+    recording conditions (``SCENARIOS``).
     """
+    scene = get_scenario(scenario)
     if frames < 1 or size < 16:
         raise ValueError(f"generate_clip needs frames >= 1 and size >= 16, got frames={frames}, size={size}")
     if label is not None and not 0 <= int(label) < len(CLASS_NAMES):
@@ -974,9 +1019,9 @@ def generate_clip(rng: np.random.Generator, label: int | None, *, frames: int = 
     if identity is None:
         identity = sample_identity(rng)
 
-    dyn = sample_dynamics(rng, expression, frames)
-    pose = sample_head_pose(rng, frames, size)
-    background = render_background(rng, size)
+    dyn = sample_dynamics(rng, expression, frames, scene)
+    pose = sample_head_pose(rng, frames, size, scene)
+    background = render_background(rng, size, scene.cluttered_background)
     head = render_head_layer(rng, identity, unit=float(np.mean(pose.scale)), size=size)
     shirt = render_shirt(rng, pose, identity, size)
 
@@ -991,7 +1036,7 @@ def generate_clip(rng: np.random.Generator, label: int | None, *, frames: int = 
     if identity.glasses:
         draw_glasses(dl, identity)
     dl.render(video)
-    video = apply_camera(rng, video)
+    video = apply_camera(rng, video, scene.camera)
 
     mouth_px = dl.to_pixels(mouth_units[:, None, :], 0.35)[:, 0]
     brow_px = dl.to_pixels(np.stack([np.zeros(frames), brow_units], -1)[:, None, :], 0.25)[:, 0]
@@ -1046,13 +1091,14 @@ class ClipTask:
     frames: int
     size: int
     quality: int
+    scenario: str = "wild"
 
 
 def split_tasks(seed: int, split: str, count: int, labelled: bool, frames: int, size: int,
-                quality: int) -> list[ClipTask]:
+                quality: int, scenario: str = "wild") -> list[ClipTask]:
     """Labelled splits cycle through the classes (clip i has class i % 7, so each person — clips 7k..7k+6 — shows
     every expression once); the pretrain pool is unlabelled."""
-    return [ClipTask(seed, split, i, (i % len(CLASS_NAMES)) if labelled else None, frames, size, quality)
+    return [ClipTask(seed, split, i, (i % len(CLASS_NAMES)) if labelled else None, frames, size, quality, scenario)
             for i in range(count)]
 
 
@@ -1060,7 +1106,7 @@ def render_record(task: ClipTask) -> bytes:
     """ClipTask -> encoded record bytes (module-level so that worker processes can run it)."""
     identity = split_identity(task.seed, task.split, task.index // CLIPS_PER_IDENTITY)
     video, meta = generate_clip(clip_rng(task.seed, task.split, task.index), task.label, frames=task.frames,
-                                size=task.size, identity=identity)
+                                size=task.size, identity=identity, scenario=task.scenario)
     rec = records.make_record(
         f"{task.split}/{task.index:06d}",
         video,
@@ -1085,14 +1131,15 @@ def _default_command(out_dir: str, **kw: Any) -> str:
 
 def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, train_per_class: int = 60,
                   val_per_class: int = 20, test_per_class: int = 30, frames: int = 32, size: int = 160,
-                  workers: int = 1, clips_per_shard: int = 128, quality: int = 90,
+                  workers: int = 1, clips_per_shard: int = 128, quality: int = 90, scenario: str = "wild",
                   creation_command: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Render the four splits into ArrayRecord shards + dataset_info.json under ``out_dir``; returns the info.
 
     Records are written in split order pretrain, train, val, test; shards are numbered globally
     (``synthetic-00000-of-000NN``) so that both the listed order and a sorted glob give the same global indices.
-    Output is byte-identical for any ``workers``.
+    Output is byte-identical for any ``workers``. ``scenario``: recording conditions, see ``SCENARIOS``.
     """
+    get_scenario(scenario)  # fail before any work
     counts = {"pretrain": num_pretrain, "train": train_per_class * len(CLASS_NAMES),
               "val": val_per_class * len(CLASS_NAMES), "test": test_per_class * len(CLASS_NAMES)}
     if any(c < 0 for c in counts.values()):
@@ -1103,7 +1150,7 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
     splits: dict[str, list[int]] = {}
     for split in SPLITS:
         start = len(tasks)
-        tasks += split_tasks(seed, split, counts[split], split != "pretrain", frames, size, quality)
+        tasks += split_tasks(seed, split, counts[split], split != "pretrain", frames, size, quality, scenario)
         splits[split] = list(range(start, len(tasks)))
     if not tasks:
         raise ValueError("nothing to generate: all clip counts are 0")
@@ -1157,7 +1204,8 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
         "source": "data_pipelines.synthetic (procedurally drawn talking faces)",
         "creation_command": creation_command or _default_command(
             out_dir, seed=seed, num_pretrain=num_pretrain, train_per_class=train_per_class,
-            val_per_class=val_per_class, test_per_class=test_per_class, frames=frames, size=size, workers=workers),
+            val_per_class=val_per_class, test_per_class=test_per_class, frames=frames, size=size, workers=workers,
+            **({} if scenario == "wild" else {"scenario": scenario})),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "num_clips": len(tasks),
         "shards": shard_names,
@@ -1170,6 +1218,7 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
         "extra": {
             "generator": "data_pipelines.synthetic",
             "seed": seed,
+            "scenario": dataclasses.asdict(get_scenario(scenario)),
             "frames": frames,
             "fps": FPS,
             "jpeg_quality": quality,
@@ -1264,13 +1313,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--clips_per_shard", type=int, default=128)
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--scenario", default="wild", choices=sorted(SCENARIOS),
+                   help="recording conditions: wild (DFEW-like nuisance) or posed (lab: still, silent, plain)")
     p.add_argument("--contact_sheet", default=None, help="PNG path (default OUT/contact_sheet.png)")
     a = p.parse_args(argv)
     command = "python -m data_pipelines.synthetic " + " ".join(shlex.quote(x) for x in argv)
     info = build_dataset(a.out, seed=a.seed, num_pretrain=a.num_pretrain, train_per_class=a.train_per_class,
                          val_per_class=a.val_per_class, test_per_class=a.test_per_class, frames=a.frames,
                          size=a.size, workers=a.workers, clips_per_shard=a.clips_per_shard, quality=a.quality,
-                         creation_command=command, progress=True)
+                         scenario=a.scenario, creation_command=command, progress=True)
     sheet = contact_sheet(a.out, a.contact_sheet or os.path.join(a.out, "contact_sheet.png"))
     ex = info["extra"]
     print(f"[synthetic] wrote {info['num_clips']} clips in {ex['generation_seconds']} s "

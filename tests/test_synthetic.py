@@ -75,6 +75,49 @@ def test_clips_change_over_time():
     assert env.max() > 0.5 and env.min() < env.max()  # an onset/apex/offset time course, not a constant
 
 
+def _corner_motion(video):
+    """Mean absolute frame-to-frame change in the four 6 px corners: background only, so it measures head motion
+    (the head moves over the backdrop), camera flicker and sensor noise, not the expression."""
+    v = video.astype(np.float32)
+    corners = np.concatenate([v[:, :6, :6], v[:, :6, -6:], v[:, -6:, :6], v[:, -6:, -6:]], 1)
+    return float(np.abs(np.diff(corners, axis=0)).mean())
+
+
+def test_posed_scenario_keeps_the_expression_and_drops_the_nuisance():
+    """Same clip streams, two recording conditions: posed clips show a full-intensity single prototype, no speech,
+    and a calmer scene; the wild default is unchanged by the scenario knob."""
+    wild_motion, posed_motion = [], []
+    for i in range(7):
+        identity = S.split_identity(0, "train", 0)
+        wild, wm = S.generate_clip(S.clip_rng(0, "train", i), i, frames=FRAMES, size=SIZE, identity=identity)
+        default, _ = S.generate_clip(S.clip_rng(0, "train", i), i, frames=FRAMES, size=SIZE, identity=identity,
+                                     scenario="wild")
+        np.testing.assert_array_equal(wild, default)
+        posed, pm = S.generate_clip(S.clip_rng(0, "train", i), i, frames=FRAMES, size=SIZE, identity=identity,
+                                    scenario="posed")
+        assert pm["expression"] == wm["expression"] and pm["talk_amplitude"] == 0.0 and pm["blend"] is None
+        if pm["expression"] != "neutral":
+            assert 0.8 <= pm["intensity"] <= 1.0 and max(pm["envelope"]) > 0.9, pm
+        wild_motion.append(_corner_motion(wild))
+        posed_motion.append(_corner_motion(posed))
+    assert np.mean(posed_motion) < 0.6 * np.mean(wild_motion), (posed_motion, wild_motion)
+
+
+def test_unknown_scenario_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown synthetic scenario 'studio'.*posed.*wild"):
+        S.build_dataset(str(tmp_path / "ds"), num_pretrain=1, scenario="studio")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_scenario_is_recorded_in_dataset_info(tmp_path):
+    info = S.main(["--out", str(tmp_path), "--num_pretrain", "2", "--train_per_class", "0", "--val_per_class", "0",
+                   "--test_per_class", "0", "--frames", "4", "--size", "32", "--workers", "1",
+                   "--scenario", "posed", "--contact_sheet", str(tmp_path / "sheet.png")])
+    assert info["extra"]["scenario"]["name"] == "posed" and info["extra"]["scenario"]["talk"] == 0.0
+    assert "--scenario posed" in info["creation_command"]
+    assert records.load_dataset_info(str(tmp_path))["extra"]["scenario"]["name"] == "posed"
+
+
 def test_identity_pools_are_disjoint():
     fields = lambda i: tuple(v for k, v in vars(i).items() if k != "name")  # noqa: E731
     train = {fields(S.split_identity(0, "train", k)) for k in range(20)}
