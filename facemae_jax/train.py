@@ -424,7 +424,10 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
         num_frames=cfg.num_frames, sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
         tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
         mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
-        fixed_crop_size=d.get("fixed_crop_size"), multiscale_scales=None, options=pipelines.LoaderOptions(),
+        fixed_crop_size=d.get("fixed_crop_size"), options=pipelines.LoaderOptions(),
+        # no augmentation, but frames stored larger than the model input (64 px clips, 32 px model) are resized:
+        # the one scale 1.0 crops the whole (square) frame, a no-op resize when it already is img_size
+        multiscale_scales=(1.0,),
     )
     it = iter(pipe)
     batch = next(it)

@@ -352,3 +352,38 @@ def test_kfold_driver_writes_per_fold_and_mean_table(tmp_path, tiny_data):
         assert (tmp_path / "kf" / f"fold{k}" / "eval" / "final_metrics.json").exists()
     folds = [json.load(open(tmp_path / "kf" / f"fold{k}" / "eval" / "final_metrics.json")) for k in (1, 2)]
     assert table["mean"]["uar"] == pytest.approx((folds[0]["uar"] + folds[1]["uar"]) / 2)
+
+
+def test_staged_pretrain_then_finetune_on_frames_larger_than_the_model(tmp_path, tiny_data):
+    """The demo / study shape end to end: masked pre-training (with its reconstruction report) then fine-tuning from
+    it, on 32 px stored frames fed to a 16 px model (every pipeline, the report's included, must resize)."""
+    geom = dict(num_frames=4, img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=2, region_size=(2, 2, 4))
+    body = textwrap.dedent(f"""
+        from ml_collections import ConfigDict
+        from configs.study import common
+
+        def get_config():
+            pre = common.pretrain("lgi", {tiny_data!r}, steps=4, batch=8, overrides=dict(
+                {geom!r}, decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=1))
+            ft = common.finetune("lgi", {tiny_data!r}, steps=4, batch=8, init_from="@pretrain", overrides={geom!r})
+            for c in (pre, ft):
+                c.eval.batch_size = 8
+                c.mesh.data = 2
+                c.mesh.fsdp = 1
+                c.log_every_steps = 2
+            c = ConfigDict()
+            c.stage_order = ("pretrain", "finetune")
+            c.stages = ConfigDict({{"pretrain": pre, "finetune": ft}})
+            return c
+    """)
+    config = tmp_path / "staged.py"
+    config.write_text(body)
+    work = tmp_path / "staged"
+    r = _launch(str(config), str(work))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert any(p.name.startswith("reconstruction_step") for p in (work / "pretrain" / "eval").iterdir())
+    logged = [json.loads(line) for line in open(work / "pretrain" / "metrics.jsonl")]
+    assert any(0 < m.get("train/loss_vs_zero", 0) for m in logged)
+    res = json.load(open(work / "finetune" / "eval" / "final_metrics.json"))
+    assert res["num_clips"] == 14
+    assert json.load(open(work / "finetune" / "config.json"))["init_from"] == str(work / "pretrain")
