@@ -33,15 +33,10 @@ sys.path.insert(0, ROOT)
 
 from configs.study import common  # noqa: E402
 
-DATA_DIR = os.path.join(ROOT, "data", "synthetic_faces_tight")  # the demo's dataset (common.DATA)
+# The recipe (data scenario, geometry, learning rates) is the demo's: configs/study/common.py, where each setting
+# says what measurement chose it.
+DATA_DIR = os.path.join(ROOT, common.DATA_DIR)
 PARTS = ("main", "probe", "target", "q2", "tpsbt")
-# Study settings that differ from the demo, each for a measured reason (results/synthetic_diagnostics.json):
-# - LGI regions of 2x2x4 tokens: two spatial bands per time block, like the published (2,5,10) on 10x10, so the
-#   decoder-order quirk Q2 is not a no-op (with one full-frame band region-major order *is* raster order);
-# - pre-training peak lr 4e-3 (base 3.2e-2 per 256 clips at batch 32): at the demo's 1.5e-3 the loss stays at
-#   the all-zero baseline for 400 steps; at 4e-3 it leaves it after ~250 steps.
-LGI_STUDY = dict(region_size=(2, 2, 4))
-PRETRAIN_BASE_LR = 3.2e-2
 
 
 def plan(seeds, pre_steps, ft_steps, probe_steps, parts):
@@ -49,16 +44,11 @@ def plan(seeds, pre_steps, ft_steps, probe_steps, parts):
     D = DATA_DIR
     jobs = []
 
-    def geom(family, overrides=None):
-        return dict(LGI_STUDY if family == "lgi" else {}, **(overrides or {}))
-
     def pre(name, family, overrides=None, **kw):
-        jobs.append((name, common.pretrain(family, D, steps=pre_steps, lr=PRETRAIN_BASE_LR,
-                                           overrides=geom(family, overrides), **kw), None))
+        jobs.append((name, common.pretrain(family, D, steps=pre_steps, overrides=overrides, **kw), None))
 
     def ft(name, family, init, seed, **kw):
-        jobs.append((name, common.finetune(family, D, steps=ft_steps, seed=seed, overrides=geom(family), **kw),
-                     init))
+        jobs.append((name, common.finetune(family, D, steps=ft_steps, seed=seed, **kw), init))
 
     if {"main", "probe"} & set(parts):
         pre("pre/lgi", "lgi")
@@ -70,7 +60,7 @@ def plan(seeds, pre_steps, ft_steps, probe_steps, parts):
         kw = dict(probe=True, lr=8e-2)
         for arm, init in (("pretrained", "pre/lgi"), ("random", None)):
             jobs.append((f"probe/lgi_{arm}/s{seeds[0]}", common.finetune(
-                "lgi", D, steps=probe_steps, seed=seeds[0], overrides=geom("lgi"), **kw), init))
+                "lgi", D, steps=probe_steps, seed=seeds[0], **kw), init))
     if "target" in parts:
         pre("pre/lgi_appearance_only", "lgi", frame_diff=False)
         ft(f"ft/lgi_appearance_only/s{seeds[0]}", "lgi", "pre/lgi_appearance_only", seeds[0])
@@ -173,8 +163,8 @@ def main(argv=None):
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job in this process
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
-    pre_steps = a.pretrain_steps or (60 if a.quick else 800)
-    ft_steps = a.finetune_steps or (60 if a.quick else 250)
+    pre_steps = a.pretrain_steps or (60 if a.quick else 2500)
+    ft_steps = a.finetune_steps or (60 if a.quick else 300)
     probe_steps = a.probe_steps or (40 if a.quick else 150)
     if a.quick:
         a.workdir += "_quick"
