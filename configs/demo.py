@@ -7,14 +7,13 @@ The dataset (common.DATA_DIR: 1,422 clips of 32 frames at 64 px in the *posed* r
 generated on first use. Geometry is reduced so that 2 CPU cores suffice: 16 frames (sampling rate 2 = the whole
 clip, so the expression event is always in view) resized to 32 px, patch 8, tubelet 2 -> an 8x4x4 token grid; LGI
 regions of 2x2x4 tokens; tube-window mask 75%. Kept from the published recipe: appearance + frame-difference
-target, AdamW + warmup-cosine, layer decay, 2 segments x 2 crops test. Changed for the tiny scale
-(configs/study/common.py says why, each with its measurement): higher learning rates, no RandAugment / mixup /
-cutmix / random erasing, crop scale (0.8, 1).
+target, AdamW + warmup-cosine, 2 segments x 2 crops test. Changed for the tiny scale (configs/study/common.py
+says why, each with its measurement): higher learning rates, no pre-training scale jitter, no layer decay, gradient
+clipping, and no RandAugment / mixup / cutmix / random erasing / random crop in fine-tuning.
 
 This pre-training, and this fine-tuning from it and from random init, is what ``python -m
-benchmarks.synthetic_study`` compares at several seeds; the README reports what this command printed.
+benchmarks.synthetic_study`` compares at several seeds.
 """
-
 
 from ml_collections import ConfigDict
 

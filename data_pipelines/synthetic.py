@@ -176,9 +176,11 @@ SCENARIOS = {
 
 
 def get_scenario(name: str) -> Scenario:
+    """The scenario called ``name``; an unknown name is a ValueError that lists the known ones."""
     if name not in SCENARIOS:
         raise ValueError(f"unknown synthetic scenario {name!r}; choose one of {sorted(SCENARIOS)}")
     return SCENARIOS[name]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Identity
