@@ -4,7 +4,9 @@ video of your own (and the source of the README's example timeline).
     python -m data_pipelines.synthetic_video --out demo.mp4 --expressions neutral,happy,surprise,sad,angry
 
 Each expression is one generated clip (onset -> apex -> offset) of the same identity; scenes change between clips
-(background, lighting and head pose are drawn per clip), which also exercises the face tracker.
+(background, lighting and head pose are drawn per clip), which also exercises the face tracker. ``--scenario``
+picks the recording conditions (data_pipelines.synthetic.SCENARIOS): the demo model is trained on ``posed`` clips,
+so a video meant for it should be posed too.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import numpy as np
 from data_pipelines import synthetic, video_io
 
 
-def render(expressions: list[str], *, frames_per_expression: int, size: int, seed: int) -> np.ndarray:
+def render(expressions: list[str], *, frames_per_expression: int, size: int, seed: int,
+           scenario: str = "wild") -> np.ndarray:
     """-> uint8 [len(expressions) * frames_per_expression, size, size, 3]."""
     unknown = [e for e in expressions if e not in synthetic.CLASS_NAMES]
     if unknown:
         raise ValueError(f"unknown expressions {unknown}; choose from {list(synthetic.CLASS_NAMES)}")
+    synthetic.get_scenario(scenario)  # an unknown scenario fails before any rendering
     rng = np.random.default_rng(seed)
     person = synthetic.sample_identity(rng, name=f"video-{seed}")
     clips = [synthetic.generate_clip(rng, synthetic.CLASS_NAMES.index(e), frames=frames_per_expression, size=size,
-                                     identity=person)[0] for e in expressions]
+                                     identity=person, scenario=scenario)[0] for e in expressions]
     return np.concatenate(clips)
 
 
@@ -37,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--fps", type=float, default=25.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scenario", default="wild", choices=sorted(synthetic.SCENARIOS),
+                    help="recording conditions (the demo model is trained on posed)")
     args = ap.parse_args(argv)
     frames = render(args.expressions.split(","), frames_per_expression=args.frames_per_expression, size=args.size,
-                    seed=args.seed)
+                    seed=args.seed, scenario=args.scenario)
     video_io.write_video(args.out, frames, fps=args.fps)
-    print(f"wrote {args.out}: {len(frames)} frames at {args.fps:g} fps ({args.expressions})")
+    print(f"wrote {args.out}: {len(frames)} frames at {args.fps:g} fps ({args.expressions}, {args.scenario})")
     return 0
 
 

@@ -261,6 +261,12 @@ def test_synthetic_video_cli_writes_a_decodable_mp4(tmp_path):
 
     with pytest.raises(ValueError, match="unknown expressions"):
         synthetic_video.render(["joy"], frames_per_expression=4, size=32, seed=0)
+    # The scenario reaches the renderer (same person and seed, other recording conditions), and is checked.
+    wild = synthetic_video.render(["happy"], frames_per_expression=4, size=32, seed=0)
+    posed = synthetic_video.render(["happy"], frames_per_expression=4, size=32, seed=0, scenario="posed")
+    assert wild.shape == posed.shape and not np.array_equal(wild, posed)
+    with pytest.raises(ValueError, match="scenario"):
+        synthetic_video.render(["happy"], frames_per_expression=4, size=32, seed=0, scenario="studio")
 
 
 def test_diagnostics_calibration_on_a_tiny_dataset(tiny_dataset, tmp_path):
