@@ -12,7 +12,8 @@ says why, each with its measurement): higher learning rates, no pre-training sca
 clipping, and no RandAugment / mixup / cutmix / random erasing / random crop in fine-tuning.
 
 This pre-training, and this fine-tuning from it and from random init, is what ``python -m
-benchmarks.synthetic_study`` compares at several seeds.
+benchmarks.synthetic_study`` compares at several seeds. Measured on 2 cores (README): test UAR 39.29 (chance 14.3;
+random init 16.7 +- 3.4 over 3 seeds) in 9 min 32 s.
 """
 
 from ml_collections import ConfigDict
