@@ -1141,7 +1141,7 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
     (``synthetic-00000-of-000NN``) so that both the listed order and a sorted glob give the same global indices.
     Output is byte-identical for any ``workers``. ``scenario``: recording conditions, see ``SCENARIOS``.
     """
-    get_scenario(scenario)  # fail before any work
+    scene = get_scenario(scenario)  # fail before any work
     counts = {"pretrain": num_pretrain, "train": train_per_class * len(CLASS_NAMES),
               "val": val_per_class * len(CLASS_NAMES), "test": test_per_class * len(CLASS_NAMES)}
     if any(c < 0 for c in counts.values()):
@@ -1220,7 +1220,7 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
         "extra": {
             "generator": "data_pipelines.synthetic",
             "seed": seed,
-            "scenario": dataclasses.asdict(get_scenario(scenario)),
+            "scenario": dataclasses.asdict(scene),
             "frames": frames,
             "fps": FPS,
             "jpeg_quality": quality,
