@@ -60,6 +60,25 @@ def test_ablation_seeds_expand_only_the_ablation_arms():
         "ft/tpsbt_faithful", "ft/tpsbt_corrected", "ft/tpsbt_scratch"}
 
 
+def test_a_job_workdir_left_by_other_settings_is_cleared_not_resumed(tmp_path, capsys):
+    """The trainer resumes from any checkpoint in its workdir: right after a kill of the same job, wrong after a run
+    with other settings (e.g. a 60-step job where a 600-step one is planned)."""
+    (_, short, _), = [j for j in study.plan([0], 60, 10, 10, ["main"]) if j[0] == "pre/lgi"]
+    (_, full, _), = [j for j in study.plan([0], 600, 10, 10, ["main"]) if j[0] == "pre/lgi"]
+    wd = tmp_path / "pre" / "lgi"
+    study._claim_workdir(str(wd), short)
+    (wd / "checkpoints").mkdir()
+    study._claim_workdir(str(wd), short)  # the same job again: its checkpoints stay, so it resumes
+    assert (wd / "checkpoints").is_dir() and "afresh" not in capsys.readouterr().out
+    study._claim_workdir(str(wd), full)  # other settings: cleared, with a message, and claimed for the new job
+    assert not (wd / "checkpoints").exists() and "afresh" in capsys.readouterr().out
+    assert json.loads((wd / "study_config.json").read_text())["optim"]["total_steps"] == 600
+    (wd / "checkpoints").mkdir()  # a workdir from before study_config.json existed is cleared too
+    (wd / "study_config.json").unlink()
+    study._claim_workdir(str(wd), full)
+    assert not (wd / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("family", ["lgi", "tpsbt"])
 def test_pretrained_weights_convert_onto_the_study_finetune_model(family):
     jobs = study.plan([0], 10, 10, 10, study.PARTS)
