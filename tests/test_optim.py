@@ -573,3 +573,20 @@ def test_works_with_params_sharded_over_a_mesh_and_state_round_trips_through_orb
     assert jax.tree.structure(restored) == jax.tree.structure(sh_state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(sh_state)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_zero_gradient_tensor_decays_with_torchs_float32_multiplier():
+    """A tensor with a zero (not absent) gradient only decays; torch does ``p.mul_(1 - lr*wd)`` with the
+    multiplier rounded to float32, and the steps golden showed the exact-decay form off by 6e-4 relative there."""
+    lr, wd = 7.5e-4 * 0.75, 0.05
+    p = np.random.default_rng(0).normal(0, 0.05, (64, 64)).astype(np.float32)
+    params = {"blocks_0": {"fc": {"kernel": jnp.asarray(p)}}}
+    tx, _ = optim.build_optimizer(params, schedule=optax.constant_schedule(lr), weight_decay=wd,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    got = np.asarray(optax.apply_updates(params, updates)["blocks_0"]["fc"]["kernel"])
+    torch_like = p * np.float32(1 - lr * wd)  # float64 scalar rounded to the tensor's dtype, one rounding
+    assert np.array_equal(got, torch_like)
+    exact = (p.astype(np.float64) * (1 - lr * wd)).astype(np.float32)
+    assert not np.array_equal(got, exact)  # the float32 multiplier is visible at this lr * wd
