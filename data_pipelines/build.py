@@ -21,8 +21,10 @@ synthetic 256-pixel test frames: shards 2.2x smaller, JPEG decoding - the input 
 and the loader's resize becomes a no-op for square clips. The price: a model at a larger input size (e.g. 224)
 cannot be trained from these shards without upsampling - rebuild with ``--short_side 224`` (or 256). Non-square
 sources (FERV39k, raw videos) are resized twice in total (here to short side S, later to S x S by the loader), which
-is not bit-identical to the reference's single resize; ``--short_side 256`` on 256-pixel DFEW frames keeps the
-reference's resize path.
+is not bit-identical to the reference's single resize. ``--store_original_frames`` keeps each frame file's bytes
+(JPEG or PNG) unchanged instead: the test views are then bit-identical to the reference loader's (checked on the
+eval-views golden, ``facemae_jax.parity``), at the cost of larger shards and the reference's per-read resize; with
+the default storage the views differ by 0.86 grey levels on average there (JPEG re-encoding, max 20).
 
 Storage of long videos (``--max_frames`` / ``--frame_stride``). All frames are kept by default (the faithful choice:
 pre-training draws a 64-frame window, stride 4, anywhere in the clip). VoxCeleb2 dev has ~1.09 M clips of ~8 s at 25
@@ -123,10 +125,13 @@ class FrameOptions:
     max_frames: int | None
     frame_stride: int
     decode_threads: int = 0
+    store_original: bool = False  # keep frame files' bytes as they are (no resize, no re-encoding)
 
     def content_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         del fields["decode_threads"]
+        if not self.store_original:  # absent = re-encoded, so shards built before the option keep their fingerprint
+            del fields["store_original"]
         return fields
 
 
@@ -214,7 +219,10 @@ def convert_clip(inp: ClipInput, opts: FrameOptions) -> tuple[records.ClipRecord
             extra["single_image"] = True
         if opts.frame_stride > 1:
             extra["frame_stride"] = opts.frame_stride
-        if opts.face_crop:
+        if opts.store_original:
+            jpegs, size, source_size = _original_frames(inp, opts)
+            extra["stored"] = "original"
+        elif opts.face_crop:
             jpegs, size, source_size = _face_crop_frames(inp, frames, opts, extra)
         else:
             jpegs, size, source_size = _plain_frames(frames, opts)
@@ -244,6 +252,32 @@ def _plain_frames(frames: Iterator[Image.Image], opts: FrameOptions):
     if not jpegs:
         raise ClipSkipped("no frames", "the input yielded no frame")
     return jpegs, (out.height, out.width), source_size
+
+
+def _original_frames(inp: ClipInput, opts: FrameOptions):
+    """The frame files' own bytes (JPEG or PNG), unchanged: what the reference loader reads, so eval views are
+    bit-identical to the reference's (``--store_original_frames``; the eval-views golden checks this). Every file
+    is decoded once here so that a corrupt frame is skipped at conversion, as with the default storage."""
+    if os.path.isdir(inp.path):
+        files = official_csv.list_frame_files(inp.path, opts.frame_ext)[:: opts.frame_stride][: opts.max_frames]
+    elif inp.path.lower().endswith(official_csv.IMAGE_EXTENSIONS):
+        files = [inp.path]
+    else:
+        raise ClipSkipped("not a frame folder", f"{inp.path} is a video: --store_original_frames keeps frame files")
+    data, size = [], None
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if not raw.startswith(records.ORIGINAL_FRAME_MAGIC):
+            raise ClipSkipped("unsupported frame format", f"{f}: only JPEG and PNG frames can be stored unchanged")
+        img = official_csv.open_frame(f)
+        if size is None:
+            size = (img.height, img.width)
+        elif (img.height, img.width) != size:
+            raise ClipSkipped("frame size changes", f"{f} is {img.width}x{img.height}, the clip's first frame "
+                                                    f"{size[1]}x{size[0]}: stored frames must share one size")
+        data.append(raw)
+    return data, size, size
 
 
 def _face_crop_frames(inp: ClipInput, frames: Iterator[Image.Image], opts: FrameOptions, extra: dict):
@@ -489,7 +523,8 @@ def assemble_info(plan: BuildPlan, opts: FrameOptions, shard_names: list[str], s
         "num_clips": len(clip_index),
         "shards": list(shard_names),
         "frame_size": (
-            {"height": opts.short_side, "width": opts.short_side} if square else {"short_side": opts.short_side}
+            {"original": True} if opts.store_original  # as the files are; extra.source_frame_sizes has them
+            else {"height": opts.short_side, "width": opts.short_side} if square else {"short_side": opts.short_side}
         ),
         "task": plan.task,
     }
@@ -512,10 +547,11 @@ def assemble_info(plan: BuildPlan, opts: FrameOptions, shard_names: list[str], s
     extra["builder"] = "data_pipelines.build"
     extra["preprocessing"] = {
         **opts.content_fields(),
-        "resize": None if square else "short side to short_side, aspect kept, PIL bilinear (anti-aliased)",
+        "resize": None if square or opts.store_original else
+                  "short side to short_side, aspect kept, PIL bilinear (anti-aliased)",
         "fixed_crop_rule": "rows [0, S), cols [(W-S)//2, (W-S)//2+S) of the decoded frame, S = short_side "
                            "(QUIRKS Q24: rows 0-159, cols 32-191 for 224x224 VoxCeleb2)" if opts.fixed_crop else None,
-        "jpeg": f"simplejpeg quality {opts.jpeg_quality}",
+        "jpeg": "frame files stored unchanged" if opts.store_original else f"simplejpeg quality {opts.jpeg_quality}",
     }
     extra["num_frames"] = (
         {"min": min(num_frames), "max": max(num_frames), "mean": round(float(np.mean(num_frames)), 2),
@@ -579,6 +615,9 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("frames")
     g.add_argument("--short_side", type=int, default=160, help="stored short side (crops: side) in pixels")
     g.add_argument("--jpeg_quality", type=int, default=90)
+    g.add_argument("--store_original_frames", action="store_true",
+                   help="csv datasets: keep each frame file's bytes unchanged (no resize or re-encoding; "
+                        "bit-identical test views, larger shards)")
     g.add_argument("--vox_fixed_crop", dest="vox_fixed_crop", action="store_true", default=None,
                    help="top-centre S x S crop (QUIRKS Q24); default on for voxceleb2 unless --face_crop")
     g.add_argument("--no_vox_fixed_crop", dest="vox_fixed_crop", action="store_false",
@@ -627,6 +666,9 @@ def _validate(args: argparse.Namespace) -> FrameOptions:
             raise BuildConfigError(f"{flag} must be >= {low}, got {value}")
     if args.jpeg_quality > 100:
         raise BuildConfigError(f"--jpeg_quality must be <= 100, got {args.jpeg_quality}")
+    if args.store_original_frames and (args.name in VIDEO_NAMES or args.face_crop or args.vox_fixed_crop):
+        raise BuildConfigError("--store_original_frames keeps frame files unchanged: it applies to the csv "
+                               "datasets (frame folders) without --face_crop / --vox_fixed_crop")
     if args.face_crop and args.vox_fixed_crop:
         raise BuildConfigError("--face_crop and --vox_fixed_crop are alternatives; choose one")
     if not args.face_crop and (args.face_margin is not None or args.face_detect_every is not None):
@@ -646,6 +688,7 @@ def _validate(args: argparse.Namespace) -> FrameOptions:
         short_side=args.short_side, jpeg_quality=args.jpeg_quality, frame_ext=frame_ext, fixed_crop=bool(fixed_crop),
         face_crop=bool(args.face_crop), face_margin=args.face_margin, face_detect_every=args.face_detect_every,
         max_frames=args.max_frames, frame_stride=args.frame_stride, decode_threads=1 if args.workers > 1 else 0,
+        store_original=bool(args.store_original_frames),
     )
 
 

@@ -7,9 +7,10 @@ Batches (numpy, host side; the train/eval steps put them on devices):
 * finetune train: ``{"video": uint8 [B, T, S, S, 3], "label": int32 [B] (classification) or float32 [B, K]
   (regression), "erase_box": int32 [B, 4]}`` — erase box (top, left, height, width), zeros = no erasing;
 * eval: ``{"video": uint8 [B, T, S, S, 3], "label": ..., "clip_index": int32 [B], "view": int32 [B],
-  "valid": bool [B]}`` — every (clip, view) of the split exactly once per process group; ``clip_index`` is the
-  clip's position in the split (``Pipeline.record_indices[clip_index]`` is its global record index),
-  ``view = segment * num_crops + crop``; padding rows have ``valid = False``, ``clip_index = view = -1``.
+  "frame_indices": int32 [B, T], "valid": bool [B]}`` — every (clip, view) of the split exactly once per process
+  group; ``clip_index`` is the clip's position in the split (``Pipeline.record_indices[clip_index]`` is its global record index),
+  ``view = segment * num_crops + crop``; ``frame_indices`` are the stored frames the view was made of; padding rows
+  have ``valid = False``, ``clip_index = view = -1`` (and frame indices -1).
 
 Why ``MapDataset`` (not ``grain.DataLoader`` or an ``IterDataset`` source): the split is random-access
 (ArrayRecord), so the whole chain up to batching is index-based — ``source -> shuffle -> repeat -> random_map ->
@@ -296,6 +297,7 @@ class EvalViewExample:
             "label": label,
             "clip_index": np.int32(-1),
             "view": np.int32(-1),
+            "frame_indices": np.full((self.num_frames,), -1, np.int32),
             "valid": np.bool_(False),
         }
 
@@ -316,6 +318,7 @@ class EvalViewExample:
             "label": _label(item, self.source.split),
             "clip_index": np.int32(position),
             "view": np.int32(view),
+            "frame_indices": indices.astype(np.int32),  # stored frames fed to this view (provenance, parity)
             "valid": np.bool_(True),
         }
 

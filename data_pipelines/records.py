@@ -11,7 +11,8 @@ One ArrayRecord record = one clip = one msgpack map (format ``facemae_clip``, ve
       "split": str | None,       # single-split datasets: "train" / "test" / "unlabeled" ...
       "fps": float | None,
       "height": int, "width": int,          # size of every stored frame
-      "frames": [bytes, ...],    # JPEG bytes of all frames of the clip, in temporal order
+      "frames": [bytes, ...],    # JPEG bytes of all frames of the clip, in temporal order (or, built with
+                                 #   --store_original_frames, the frame files' own JPEG/PNG bytes)
       "extra": {str: msgpack-able}          # free-form metadata (optional)
     }
 
@@ -72,6 +73,24 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
 def decode_jpeg(data: bytes) -> np.ndarray:
     """JPEG bytes -> uint8 RGB [H, W, 3]."""
     return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ORIGINAL_FRAME_MAGIC = (b"\xff\xd8", PNG_MAGIC)  # JPEG SOI, PNG signature: the formats a record may hold
+
+
+def decode_frame(data: bytes) -> np.ndarray:
+    """Stored frame bytes -> uint8 RGB [H, W, 3]. Frames are JPEG unless the dataset was built with
+    ``--store_original_frames`` from PNG folders (MAFW); PNG goes through PIL's ``convert('RGB')`` as in the
+    reference loader (simplejpeg and PIL decode the same JPEG bytes identically; checked on the eval-views golden)."""
+    if data[:8] == PNG_MAGIC:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    return decode_jpeg(data)
 
 
 def make_record(
@@ -158,9 +177,9 @@ def decode_frames(rec: ClipRecord, indices: Iterable[int] | None = None) -> np.n
             if not 0 <= i < rec.num_frames:
                 raise RecordError(f"clip {rec.clip_id!r}: frame index {i} out of range [0, {rec.num_frames})")
             try:
-                cache[i] = decode_jpeg(rec.frames[i])
+                cache[i] = decode_frame(rec.frames[i])
             except Exception as e:
-                raise RecordError(f"clip {rec.clip_id!r} ({rec.source}): frame {i} is not a valid JPEG ({e})") from e
+                raise RecordError(f"clip {rec.clip_id!r} ({rec.source}): frame {i} is not a valid JPEG/PNG ({e})") from e
             if cache[i].shape != (rec.height, rec.width, 3):
                 raise RecordError(
                     f"clip {rec.clip_id!r}: frame {i} decodes to {cache[i].shape}, record says "

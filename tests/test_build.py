@@ -162,6 +162,33 @@ def test_mafw_png_frames_eleven_classes(tmp_path):
                                    [frame_green(0), frame_green(2)], atol=3)
 
 
+def test_store_original_frames_keeps_the_files_bytes(tmp_path, capsys):
+    """--store_original_frames: PNG (MAFW) and JPEG frame files go into the records byte for byte and decode as PIL
+    decodes them (the eval-views golden relies on this for bit-identical views); a size change inside a clip is
+    skipped with the file named; videos / crops are refused up front."""
+    labels = {1: 0, 2: 3, 3: 7, 4: 10, 5: 5}
+    data, ann = make_kfold_tree(tmp_path, name="MAFW", ext="png", clips=5, folds=5, with_val=False,
+                                label_of=labels.__getitem__)
+    odd = data / "Clip" / "jpg_256" / "00004"
+    Image.new("RGB", (W + 2, H), (1, 2, 3)).save(odd / "00001.png")  # second frame of clip 4 is wider
+    out = tmp_path / "out"
+    base = ["mafw", "--annotations", ann, "--path_remap", f"{AUTHOR_PREFIX}={data}", "--out", out]
+    assert run_main([*base, "--store_original_frames"]) == 0
+    info, recs = read_all(out)
+    assert [r.clip_id for r in recs] == ["00001", "00002", "00003", "00005"]
+    assert "00004" in info["skipped"][0]["input"] and "frame size changes" in info["skipped"][0]["reason"]
+    assert info["extra"]["preprocessing"]["store_original"] is True
+    for rec in recs:
+        files = sorted((data / "Clip" / "jpg_256" / rec.clip_id).glob("*.png"))
+        assert rec.frames == [f.read_bytes() for f in files] and rec.extra["stored"] == "original"
+        assert (rec.height, rec.width) == (H, W)
+        want = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        assert np.array_equal(records.decode_frames(rec), want)
+    capsys.readouterr()
+    assert run_main([*base[:-1], tmp_path / "out2", "--store_original_frames", "--face_crop"]) == 2
+    assert "--store_original_frames" in capsys.readouterr().err
+
+
 def test_fold_structure_problems_are_reported(tmp_path, capsys):
     """Clip 1 in the test sets of both folds; clip 4 in fold 2's train *and* test; clip 3 missing from fold 1."""
     data = tmp_path / "clips"

@@ -321,7 +321,7 @@ def test_eval_views_cover_every_clip_once_across_processes(dataset):
         assert len(batches) == pipe.num_batches == 4  # 20 views / 2 processes = 10 -> 4 batches of 3, padded
         assert np.array_equal(pipe.record_indices, test_split)
         for batch in batches:
-            assert set(batch) == {"video", "label", "clip_index", "view", "valid"}
+            assert set(batch) == {"video", "label", "clip_index", "view", "frame_indices", "valid"}
             assert batch["video"].shape == (3, FRAMES, SIZE, SIZE, 3) and batch["video"].dtype == np.uint8
             assert batch["clip_index"].dtype == np.int32 and batch["view"].dtype == np.int32
             assert batch["valid"].dtype == bool
@@ -336,6 +336,7 @@ def test_eval_views_cover_every_clip_once_across_processes(dataset):
                 segment = view // 2
                 expected = transforms.eval_frame_indices(FRAME_COUNTS[record], segment, 2, FRAMES, SR)
                 assert frame_index.tolist() == expected.tolist()
+                assert batch["frame_indices"][row].tolist() == expected.tolist()  # what the view reports
                 seen.append((position, view))
     assert sorted(seen) == [(c, v) for c in range(len(test_split)) for v in range(4)]  # each view exactly once
 
