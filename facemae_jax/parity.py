@@ -1,8 +1,11 @@
 """Numerical parity with the reference PyTorch code on golden files (shared/golden/README.md).
 
-    python -m facemae_jax.parity FILE.npz [FILE.npz ...]
+    python -m facemae_jax.parity ../shared/golden/*.npz ../shared/golden/steps/*.npz ../shared/golden/views/*.npz
 
-For each golden: build the model from the reference constructor and kwargs recorded in ``meta``, import the
+Each file is recognised by its ``meta`` and gets one PASS/FAIL line; exit status 0 only if all pass. Training-step
+goldens are checked by ``parity_steps``, eval-view goldens by ``parity_views``; this module checks forward goldens.
+
+For each forward golden: build the model from the reference constructor and kwargs recorded in ``meta``, import the
 ``param/*`` weights with the converter, run the same input (and mask), and print one line with the relative error
 ‖a−b‖/‖b‖ of every stored output it can compare (``output``, ``features``, ``pooled``, ``target``, the full-tensor
 statistics, ``loss`` as |Δ|/|b|, and every stored ``act/*`` sub-module output). Exit status 0 only if every error
@@ -205,12 +208,27 @@ def check_file(path: str) -> tuple[dict[str, float], str]:
             errs[f"act/{name}"] = rel(_act_layout(name, np.asarray(captured[name][0])), z[f"act/{name}"])
         else:
             errs[f"act/{name}"] = float("inf")
-    desc = f"{meta.get('family')} {meta.get('mode')} {meta.get('size')} seed={meta.get('seed')}"
-    return errs, desc
+    return errs, _desc(meta)
+
+
+def golden_kind(meta: dict[str, Any]) -> str:
+    """'input' | 'train_steps' | 'eval_views' | 'forward' (shared/golden/README.md: kinds in ``meta``)."""
+    if meta.get("kind") in ("input", "train_steps"):
+        return meta["kind"]
+    if str(meta.get("format", "")).startswith("eval_views"):
+        if meta["format"] != "eval_views v1":
+            raise ValueError(f"eval-views format {meta['format']!r} is not supported (this tool reads v1)")
+        return "eval_views"
+    return "forward"
+
+
+def _desc(meta: dict[str, Any]) -> str:
+    return f"{meta.get('family')} {meta.get('mode')} {meta.get('size')} seed={meta.get('seed')}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Compare converted models with reference golden outputs.")
+    ap = argparse.ArgumentParser(description="Compare the port with reference golden files: forward outputs, "
+                                             "training steps and eval views, in any mix.")
     ap.add_argument("files", nargs="+")
     ap.add_argument("--verbose", action="store_true", help="print every act/* error too")
     args = ap.parse_args(argv)
@@ -221,11 +239,26 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with np.load(path) as z:
                 meta = json.loads(str(z["meta"]))
-            if meta.get("kind") == "input":
+            kind = golden_kind(meta)
+            if kind == "input":
+                continue
+            if kind in ("train_steps", "eval_views"):
+                from facemae_jax import parity_steps, parity_views
+
+                if kind == "train_steps":
+                    _, passed, summary = parity_steps.check_train_steps(path)
+                    desc = f"train steps, {_desc(meta)}"
+                else:
+                    _, passed, summary = parity_views.check_eval_views(path)
+                    desc = f"eval views, {len(meta['clips'])} clips, seed={meta.get('seed')}"
+                checked += 1
+                ok &= passed
+                head, _, rest = summary.partition("\n")
+                print(f"{name} [{desc}]: {head}  -> {'PASS' if passed else 'FAIL'}" + (f"\n{rest}" if rest else ""))
                 continue
             errs, desc = check_file(path)
         except Exception as e:  # report and continue with the next file
-            print(f"{name}: ERROR {type(e).__name__}: {e}")
+            print(f"{name}: ERROR {type(e).__name__}: {e}  -> FAIL")
             ok = False
             continue
         checked += 1

@@ -79,3 +79,103 @@ def test_golden_meta_maps_to_tiny_presets(golden_dir):
                 for k in [k for k in d if k.startswith(("decoder_", "mask_"))]:
                     del d[k]
         assert got == want
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-step and eval-view goldens (issue 12)
+# ---------------------------------------------------------------------------------------------------------------
+
+STEP_GOLDENS = ("train_mae_dfer_finetune_tiny_seed0.npz", "train_svfap_pretrain_tiny_seed0.npz")
+
+
+@pytest.fixture(scope="module")
+def step_runs(golden_dir):
+    from facemae_jax import parity_steps
+
+    return {name: parity_steps.run_train_steps(str(golden_dir / "steps" / name)) for name in STEP_GOLDENS}
+
+
+@pytest.mark.parametrize("name", STEP_GOLDENS)
+def test_training_steps_match_the_reference_recipe(golden_dir, step_runs, name):
+    from facemae_jax import parity_steps
+
+    z = np.load(golden_dir / "steps" / name)
+    res, passed, summary = parity_steps.compare(z, step_runs[name])
+    assert passed, summary
+    assert max(res["loss"]) <= 1e-5 and res["delta"][res["worst"]] <= 1e-3 and not res["groups"]
+    ok, total = res["unchanged"]
+    assert ok == total and total > 0  # 7 decay-free zero-grad tensors (LGI) / 58 dead-path tensors (SVFAP, Q4)
+
+
+def test_training_step_check_fails_on_perturbed_goldens(golden_dir, step_runs):
+    from facemae_jax import parity_steps
+
+    name = "train_mae_dfer_finetune_tiny_seed0.npz"
+    z = dict(np.load(golden_dir / "steps" / name))
+    run = step_runs[name]
+    # 1) a decayed tensor whose decay is off by 1%: the weight-change check sees it
+    bad = dict(z)
+    k = "train/param_after/blocks.2.third_attn.proj.weight"  # gets no gradient: its change is the decay alone
+    w0 = z["param/blocks.2.third_attn.proj.weight"].astype(np.float32)
+    bad[k] = (w0 + 1.01 * (z[k] - w0)).astype(np.float32)
+    res, passed, summary = parity_steps.compare(bad, run)
+    assert not passed and res["worst"] == "blocks.2.third_attn.proj.weight", summary
+    # 2) a tensor the reference leaves unchanged must stay bit-identical
+    bad = dict(z)
+    unchanged = next(n[len("param/"):] for n in z if n.startswith("param/")
+                     and np.array_equal(z[n], z["train/param_after/" + n[len("param/"):]]))
+    run2 = {**run, "after": {**run["after"], unchanged: run["after"][unchanged] + np.float32(1e-7)}}
+    res, passed, _ = parity_steps.compare(bad, run2)
+    assert not passed and res["delta"][unchanged] == float("inf")
+    # 3) a loss off by 1e-4 relative, and 4) a param group with another lr scale
+    bad = dict(z)
+    bad["train/loss"] = z["train/loss"] * np.float32(1 + 1e-4)
+    assert not parity_steps.compare(bad, run)[1]
+    meta = json.loads(str(z["meta"]))
+    meta["param_groups"]["head.weight"]["lr_scale"] = 0.5
+    bad = {**z, "meta": np.array(json.dumps(meta))}
+    res, passed, summary = parity_steps.compare(bad, run)
+    assert not passed and res["groups"] == ["head.weight: lr_scale 1.0 (reference 0.5)"], summary
+
+
+def test_training_step_recipe_goes_through_the_job_config(golden_dir):
+    from facemae_jax import parity_steps
+
+    meta = json.loads(str(np.load(golden_dir / "steps" / STEP_GOLDENS[0])["meta"]))
+    config = parity_steps.job_config(meta)
+    assert config.model.name == "vit_base_dim512_no_depth_patch16_160"  # configs/finetune_dfew.py:lgi
+    assert config.optim.layer_decay == 0.75 and config.finetune.mixup_alpha == 0.0
+    assert config.optim.base_lr * config.batch_size / 256 == pytest.approx(1e-3, rel=1e-15)
+    meta["recipe"]["mixup"] = {"mixup_alpha": 0.8}
+    with pytest.raises(ValueError, match="mixup"):
+        parity_steps.job_config(meta)
+
+
+def test_eval_views_match_the_reference_test_loader(golden_dir):
+    from facemae_jax import parity_views
+
+    res, passed, summary = parity_views.check_eval_views(str(golden_dir / "views" / "eval_views_seed0.npz"))
+    assert passed, summary
+    assert res["views"] == 24 and res["indices_equal"] == 24 and res["bit_identical"] == 12
+    assert 0 < res["mean"] <= 1.0  # default storage re-encodes: close, not identical
+
+
+def test_eval_view_check_fails_on_perturbed_views(golden_dir, tmp_path):
+    from facemae_jax import parity_views
+
+    z = dict(np.load(golden_dir / "views" / "eval_views_seed0.npz"))
+    z["clip2/view1_0/indices"] = z["clip2/view1_0/indices"] + 1  # a view one frame later
+    z["clip1/view0_1/sha256"] = np.array("0" * 64)
+    bad = tmp_path / "bad_views.npz"
+    np.savez(bad, **z)
+    res, passed, _ = parity_views.check_eval_views(str(bad))
+    assert not passed and res["indices_equal"] == 22 and res["bit_identical"] == 11
+
+
+def test_cli_recognises_the_kind_of_each_file(golden_dir):
+    files = [str(golden_dir / "input_seed0.npz"), str(golden_dir / "views" / "eval_views_seed0.npz")]
+    r = subprocess.run([sys.executable, "-m", "facemae_jax.parity", *files], capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(lines) == 1 and lines[0].startswith("eval_views_seed0.npz [eval views"), r.stdout
+    assert lines[0].endswith("-> PASS")
