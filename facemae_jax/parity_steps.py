@@ -38,9 +38,12 @@ def model_config(meta: dict[str, Any]):
     """The ModelConfig of the golden's reference constructor (the forward-golden mapping of ``parity``)."""
     from facemae_jax import parity
 
+    kwargs = dict(meta["kwargs"])
+    if "drop_path" in meta.get("recipe", {}):  # the steps were run with this rate, whatever the constructor says
+        kwargs["drop_path_rate"] = float(meta["recipe"]["drop_path"] or 0.0)
     return parity.config_from_meta({
         "family": meta["family"], "mode": meta["mode"],
-        "model_constructor": {"kind": "class", "callable": meta["constructor"], "kwargs": dict(meta["kwargs"])},
+        "model_constructor": {"kind": "class", "callable": meta["constructor"], "kwargs": kwargs},
         "mask": meta.get("mask", {}),
     })
 
