@@ -69,8 +69,10 @@ class ModelConfig:
     lgi_raster_decoder_order: bool = False  # Q2 corrected
     svfap_reverse_ctx: Literal["full_embedding", "bottleneck"] = "full_embedding"  # Q3 (faithful default)
     svfap_upsample: Literal["as_coded", "repeat"] = "as_coded"  # Q5 (faithful default)
-    # numerics
-    dtype: str = "float32"
+    # numerics and accelerator knobs (none changes the parameters; the defaults are the faithful numerics)
+    dtype: str = "float32"  # compute dtype; params and optimiser state stay float32
+    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # layers.resolve_attention_impl
+    remat: str = "none"  # none | full | a jax.checkpoint_policies name, per transformer block (layers.remat_policy)
 
     # ---- derived geometry --------------------------------------------------------------------------------
     @property

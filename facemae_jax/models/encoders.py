@@ -29,6 +29,7 @@ from facemae_jax.models.layers import (
     drop_path_rates,
     gather_tokens,
     layer_norm,
+    remat_block,
     sinusoid_table,
     torch_default_uniform,
     trunc_normal_abs,
@@ -75,7 +76,8 @@ class ViT(Backbone):
         c = self.cfg
         rates = drop_path_rates(c.drop_path_rate, c.depth)
         self.blocks = [
-            Block(c.embed_dim, c.num_heads, c.mlp_ratio, self.inits.dense, rates[i], c.qkv_bias, _dtype(c))
+            remat_block(Block, c.remat, (2,))(c.embed_dim, c.num_heads, c.mlp_ratio, self.inits.dense, rates[i],
+                                              c.qkv_bias, _dtype(c), c.attention_impl)
             for i in range(c.depth)
         ]
 
@@ -85,7 +87,7 @@ class ViT(Backbone):
         if vis_idx is not None:
             x = gather_tokens(x, vis_idx)
         for blk in self.blocks:
-            x = blk(x, deterministic=not train)
+            x = blk(x, not train)  # positional: static under remat
         return x
 
 
@@ -116,7 +118,7 @@ class LGBlock(nn.Module):
         dp = DropPath(self.drop_path)
 
         def attn(name):
-            return CrossAttention(c.embed_dim, c.num_heads, self.init, c.qkv_bias, dt, name=name)
+            return CrossAttention(c.embed_dim, c.num_heads, self.init, c.qkv_bias, dt, c.attention_impl, name=name)
 
         first = attn("first_attn")
         if c.share_all:
@@ -164,7 +166,8 @@ class LGIFormer(Backbone):
             "lg_region_tokens", _p(tok_init, (None, "embed")), (c.num_regions, c.embed_dim)
         )
         rates = drop_path_rates(c.drop_path_rate, c.depth)
-        self.blocks = [LGBlock(c, rates[i], self.inits.dense) for i in range(c.depth)]
+        block = remat_block(LGBlock, c.remat, (2, 3))
+        self.blocks = [block(c, rates[i], self.inits.dense) for i in range(c.depth)]
 
     def regions_all(self, x: jax.Array) -> jax.Array:
         """``[B, N, C]`` raster -> ``[B, R, L, C]`` (region r = (it*nh+ih)*nw+iw, local l = (a*rh+b)*rw+c)."""
@@ -199,7 +202,7 @@ class LGIFormer(Backbone):
         tok = jnp.broadcast_to(self.lg_region_tokens.astype(regions.dtype)[None, :, None, :], (b, r, 1, ch))
         x = jnp.concatenate([tok, regions], axis=2).reshape(b * r, 1 + l, ch)
         for blk in self.blocks:
-            x = blk(x, b, deterministic=not train)
+            x = blk(x, b, not train)  # positional: static under remat
         return x.reshape(b, r, 1 + l, ch)
 
     def encode(self, video: jax.Array, vis_idx: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -258,14 +261,16 @@ class CSBlock(nn.Module):
     drop_path: float = 0.0
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: jax.Array, deterministic: bool = True) -> jax.Array:
         dt = self.dtype
         dp = DropPath(self.drop_path)
-        cross = CrossAttention(self.dim, self.num_heads, self.init, self.qkv_bias, dt, name="cross_attn")
+        impl = self.attention_impl
+        cross = CrossAttention(self.dim, self.num_heads, self.init, self.qkv_bias, dt, impl, name="cross_attn")
         x = x + dp(cross(layer_norm("cross_norm1", dt)(x), layer_norm("cross_norm2", dt)(ctx)), deterministic)
-        x = x + dp(Attention(self.dim, self.num_heads, self.init, self.qkv_bias, dt, name="attn")(
+        x = x + dp(Attention(self.dim, self.num_heads, self.init, self.qkv_bias, dt, impl, name="attn")(
             layer_norm("norm1", dt)(x)), deterministic)
         mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.init, dt, name="mlp")
         return x + dp(mlp(layer_norm("norm2", dt)(x)), deterministic)
@@ -283,9 +288,11 @@ class TPSBT(Backbone):
         init = self.inits.dense
         rates = drop_path_rates(c.drop_path_rate, c.num_blocks)
         d0 = c.stage_depths[0]
-        blocks = [Block(c.embed_dim, c.num_heads, c.mlp_ratio, init, rates[i], c.qkv_bias, dt) for i in range(d0)]
+        plain, cross_self = remat_block(Block, c.remat, (2,)), remat_block(CSBlock, c.remat, (3,))
+        impl = c.attention_impl
+        blocks = [plain(c.embed_dim, c.num_heads, c.mlp_ratio, init, rates[i], c.qkv_bias, dt, impl) for i in range(d0)]
         blocks += [
-            CSBlock(c.embed_dim, c.num_heads, c.mlp_ratio, init, rates[i], c.qkv_bias, dt)
+            cross_self(c.embed_dim, c.num_heads, c.mlp_ratio, init, rates[i], c.qkv_bias, dt, impl)
             for i in range(d0, c.num_blocks)
         ]
         self.blocks = blocks
@@ -338,13 +345,13 @@ class TPSBT(Backbone):
         x = self.embed(video)
         stages = self.stage_ranges()
         for i in stages[0]:
-            x = self.blocks[i](x, deterministic=det)
+            x = self.blocks[i](x, det)  # deterministic positional: static under remat
         frames = self.cfg.grid[0]
         for s, rng in enumerate(stages[1:]):
             u = self.temporal_conv(s, x, frames)
             frames = self.stage_frames[s]
             z = self.spatial_downsamples[s](u)
             for i in list(rng)[:-1]:
-                z = self.blocks[i](z, u, deterministic=det)
-            x = self.blocks[rng[-1]](u, z, deterministic=det)
+                z = self.blocks[i](z, u, det)
+            x = self.blocks[rng[-1]](u, z, det)
         return x

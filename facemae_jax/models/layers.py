@@ -140,13 +140,73 @@ def _heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(b, n, num_heads, a // num_heads)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
-    """softmax((q * hd^-0.5) k^T) v through ``jax.nn.dot_product_attention`` (a fused kernel can be picked on
-    GPU/TPU). ``q: [B, N1, A]``, ``k, v: [B, N2, A]`` -> ``[B, N1, A]``."""
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+REMAT_CHOICES = ("none", "full")  # or the name of any jax.checkpoint_policies policy
+
+
+def resolve_attention_impl(impl: str, dtype: Any) -> tuple[str, str]:
+    """The ``implementation`` for ``jax.nn.dot_product_attention`` -> (name, why).
+
+    ``xla`` is XLA's own softmax(QK^T)V (every backend, float32 included: the faithful numerics). ``cudnn`` is
+    cuDNN's fused flash attention: NVIDIA GPUs only, bf16/fp16 only — asked for elsewhere it is an error, not a
+    silent fallback. ``auto`` takes cuDNN where both hold and XLA otherwise. jax itself never picks cuDNN on its
+    own (``implementation=None`` means XLA), so without this knob no fused kernel is ever used.
+    """
+    backend = jax.default_backend()
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "xla":
+        return "xla", "requested"
+    if impl == "cudnn":
+        if backend != "gpu":
+            raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, but the jax backend is {backend!r}; "
+                             "use 'xla', or 'auto' to take cuDNN only where it applies")
+        if not low_precision:
+            raise ValueError(f"attention_impl='cudnn' needs bfloat16/float16 compute, the model dtype is "
+                             f"{jnp.dtype(dtype).name}; set model dtype=bfloat16 or use 'auto'/'xla'")
+        return "cudnn", "requested"
+    if impl == "auto":
+        if backend == "gpu" and low_precision:
+            return "cudnn", "auto: GPU and bf16/fp16 compute -> cuDNN flash attention"
+        return "xla", (f"auto: {backend} backend, {jnp.dtype(dtype).name} compute -> XLA (cuDNN flash attention "
+                       "needs an NVIDIA GPU and bf16/fp16)")
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def remat_policy(remat: str):
+    """``none`` -> None (no rematerialisation); ``full`` -> recompute everything in the backward pass (jax's default
+    policy); any other name -> ``jax.checkpoint_policies.<name>`` (e.g. ``dots_with_no_batch_dims_saveable``:
+    keep the matmul outputs, recompute the element-wise ops)."""
+    if remat in ("none", "full"):
+        return None
+    policy = getattr(jax.checkpoint_policies, remat, None)
+    if policy is None or not callable(policy):
+        names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        raise ValueError(f"remat must be 'none', 'full' or a jax.checkpoint_policies name ({', '.join(names)}), "
+                         f"got {remat!r}")
+    if remat.startswith(("save_", "offload", "save_and_offload")):  # factories, not policies
+        raise ValueError(f"remat {remat!r} is a policy factory that needs arguments; name a ready policy")
+    return policy
+
+
+def remat_block(cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """``cls`` itself, or ``nn.remat(cls)`` with the named policy. The wrapped class keeps the module's name, so
+    parameter paths (and the converter, optimiser rules, official checkpoints) are unchanged. ``static_argnums``
+    count ``self`` as 0 (flax convention) and name the Python-valued arguments (``deterministic``, ``batch``)."""
+    if remat == "none":
+        return cls
+    return nn.remat(cls, policy=remat_policy(remat), static_argnums=static_argnums, prevent_cse=True)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, impl: str = "xla") -> jax.Array:
+    """softmax((q * hd^-0.5) k^T) v through ``jax.nn.dot_product_attention`` with the chosen implementation
+    (``resolve_attention_impl``; XLA unless cuDNN was asked for). ``q: [B, N1, A]``, ``k, v: [B, N2, A]`` ->
+    ``[B, N1, A]``."""
     b, n1, a = q.shape
     hd = a // num_heads
+    if impl == "auto":
+        impl = resolve_attention_impl(impl, q.dtype)[0]
     out = jax.nn.dot_product_attention(
-        _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), scale=hd**-0.5
+        _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), scale=hd**-0.5, implementation=impl
     )
     return out.reshape(b, n1, a)
 
@@ -160,6 +220,7 @@ class Attention(nn.Module):
     init: Initializer
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -169,7 +230,7 @@ class Attention(nn.Module):
         if self.qkv_bias:
             q = q + self.param("q_bias", _p(nn.initializers.zeros, ("norm",)), (a,)).astype(q.dtype)
             v = v + self.param("v_bias", _p(nn.initializers.zeros, ("norm",)), (a,)).astype(v.dtype)
-        out = _attend(q, k, v, self.num_heads)
+        out = _attend(q, k, v, self.num_heads, self.attention_impl)
         return dense(self.dim, name="proj", init=self.init, axes=("hidden", "embed"), dtype=self.dtype)(out)
 
 
@@ -182,6 +243,7 @@ class CrossAttention(nn.Module):
     init: Initializer
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: jax.Array | None = None) -> jax.Array:
@@ -193,7 +255,7 @@ class CrossAttention(nn.Module):
         if self.qkv_bias:
             q = q + self.param("q_bias", _p(nn.initializers.zeros, ("norm",)), (a,)).astype(q.dtype)
             v = v + self.param("v_bias", _p(nn.initializers.zeros, ("norm",)), (a,)).astype(v.dtype)
-        out = _attend(q, k, v, self.num_heads)
+        out = _attend(q, k, v, self.num_heads, self.attention_impl)
         return dense(self.dim, name="proj", init=self.init, axes=("hidden", "embed"), dtype=self.dtype)(out)
 
 
@@ -244,12 +306,14 @@ class Block(nn.Module):
     drop_path: float = 0.0
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dp = DropPath(self.drop_path)
-        x = x + dp(Attention(self.dim, self.num_heads, self.init, self.qkv_bias, self.dtype, name="attn")(
-            layer_norm("norm1", self.dtype)(x)), deterministic)
+        attn = Attention(self.dim, self.num_heads, self.init, self.qkv_bias, self.dtype, self.attention_impl,
+                         name="attn")
+        x = x + dp(attn(layer_norm("norm1", self.dtype)(x)), deterministic)
         mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.init, self.dtype, name="mlp")
         return x + dp(mlp(layer_norm("norm2", self.dtype)(x)), deterministic)
 

@@ -27,6 +27,7 @@ from facemae_jax.models.layers import (
     drop_path_rates,
     gather_tokens,
     layer_norm,
+    remat_block,
     sinusoid_table,
     torch_default_uniform,
     trunc_normal_abs,
@@ -125,21 +126,21 @@ class TPSBTPretrainEncoder(TPSBT):
         xv = gather_tokens(x_all, vis_idx)
         stages = self.stage_ranges()
         for i in stages[0]:
-            xv = self.blocks[i](xv, deterministic=det)
+            xv = self.blocks[i](xv, det)  # deterministic positional: static under remat
         fused = xv
         frames = c.grid[0]
         for s, rng in enumerate(stages[1:]):
             u = self.temporal_conv(s, xv, frames)
             z = self.spatial_downsamples[s](u)
             for i in list(rng)[:-1]:
-                z = self.blocks[i](z, u, deterministic=det)
+                z = self.blocks[i](z, u, det)
             if c.svfap_reverse_ctx == "full_embedding":
                 ctx = x_all  # Q3: the z path above is dead (computed, unused; XLA removes it under jit)
             elif c.svfap_reverse_ctx == "bottleneck":
                 ctx = z
             else:
                 raise ValueError(f"svfap_reverse_ctx must be full_embedding|bottleneck, got {c.svfap_reverse_ctx!r}")
-            xv = self.blocks[rng[-1]](u, ctx, deterministic=det)
+            xv = self.blocks[rng[-1]](u, ctx, det)
             fused = fused + self.upsample(xv, s + 1, frames, self.stage_frames[s])
             frames = self.stage_frames[s]
         return self.norm(fused)
@@ -159,9 +160,10 @@ class Decoder(nn.Module):
         dt = _dtype(c)
         init = Inits.for_mode("pretrain").dense
         rates = drop_path_rates(c.drop_path_rate, c.decoder_depth)
+        block = remat_block(Block, c.remat, (2,))
         for i in range(c.decoder_depth):
-            x = Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, init, rates[i], c.qkv_bias, dt,
-                      name=f"blocks_{i}")(x, deterministic=not train)
+            x = block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, init, rates[i], c.qkv_bias, dt,
+                      c.attention_impl, name=f"blocks_{i}")(x, not train)
         x = layer_norm("norm", dt)(x[:, -num_masked:])
         return dense(c.patch_dim, name="head", init=init, axes=("embed", "classes"), dtype=dt)(x)
 

@@ -28,6 +28,7 @@ import numpy as np
 from facemae_jax import masking
 from facemae_jax.models.classifier import CLASSIFIERS
 from facemae_jax.models.config import ModelConfig
+from facemae_jax.models.layers import remat_policy, resolve_attention_impl
 from facemae_jax.models.mae import MaskedVideoAutoencoder
 
 _LGI = dict(family="lgi", embed_dim=512, depth=16, num_heads=8, region_size=(2, 5, 10))
@@ -75,12 +76,27 @@ def get_config(name_or_cfg: str | ModelConfig, **overrides: Any) -> ModelConfig:
 
 
 def create_model(name_or_cfg: str | ModelConfig, **overrides: Any) -> nn.Module:
+    """The flax module. ``attention_impl='auto'`` is resolved here, for this process's backend, and said once."""
     cfg = get_config(name_or_cfg, **overrides)
+    impl, why = resolve_attention_impl(cfg.attention_impl, cfg.dtype)
+    remat_policy(cfg.remat)  # an unknown policy name fails here, not deep inside tracing
+    if cfg.attention_impl == "auto":
+        _say_once(f"[model] attention_impl {why}")
+    cfg = cfg.replace(attention_impl=impl)
     if cfg.mode == "pretrain":
         return MaskedVideoAutoencoder(cfg)
     if cfg.family not in CLASSIFIERS:
         raise ValueError(f"unknown family {cfg.family!r}")
     return CLASSIFIERS[cfg.family](cfg)
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, flush=True)
 
 
 def example_inputs(cfg: ModelConfig, batch: int = 1, seed: int = 0) -> tuple[np.ndarray, ...]:
