@@ -73,6 +73,7 @@ def base_config() -> ConfigDict:
     c.eval_every_steps = 0
     c.final_eval = True
     c.kfold = 0  # > 0: run folds 1..k (splits fold{k}/train, fold{k}/test), one workdir each, and a mean table
+    c.compilation_cache_dir = "~/.cache/facemae_jax/jax_cache"  # persistent XLA cache (restarts skip compiling); "" off
     return c
 
 

@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from data_pipelines import pipeline as pipelines
 from facemae_jax import checkpoint as ckpt_lib
-from facemae_jax import convert, evaluate, optim, sharding, steps
+from facemae_jax import compilation_cache, convert, evaluate, optim, sharding, steps
 from facemae_jax.models import registry
 from facemae_jax.models.config import ModelConfig
 
@@ -247,6 +247,7 @@ def _finetune_kwargs(config) -> dict[str, Any]:
 def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    compilation_cache.enable(config.compilation_cache_dir)
     if mode == "eval":
         return run_eval_only(config, workdir, checkpoint)
     if mode != "train":

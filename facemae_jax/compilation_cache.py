@@ -1,0 +1,29 @@
+"""jax's persistent compilation cache, on by default, so that a resumed run does not compile its steps again.
+
+Every restart after a preemption would otherwise pay the full XLA compilation of the train step (29 s fine-tuning,
+41 s pre-training for the base models on a 2-core CPU; minutes on a pod). The cache key is jax's own (the
+computation, the compiler flags, the devices), so a changed model or mesh simply misses; it is safe to share the
+directory between runs. ``config.compilation_cache_dir`` sets the folder ('' turns it off); jax's own
+``JAX_COMPILATION_CACHE_DIR`` environment variable, when set, takes precedence.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def enable(directory: str) -> str | None:
+    """Point jax's persistent cache at ``directory`` (created) -> the folder used, or None when off."""
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:
+        directory = env
+    if not directory:
+        return None
+    path = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # cache everything that took a noticeable time to compile (jax's default threshold is 1 s)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
