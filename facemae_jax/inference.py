@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -449,20 +450,24 @@ class ClipForward:
         self.clip_shape = (cfg.num_frames, cfg.img_size, cfg.img_size, 3)
         self._fn = _compiled_classifier(cfg)
         self._params = jax.device_put(loaded.params)
+        self.busy_seconds = 0.0  # time spent normalising and running batches (windows/s of the model itself)
 
     def _run(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         n = len(batch)
         stacked = np.stack(batch + [batch[-1]] * (self.batch_size - n))  # pad: one shape, one compilation
         out = self._fn(self._params, normalize_clips(stacked))
-        return {k: np.asarray(out[k])[:n] for k in self.outputs}
+        result = {k: np.asarray(out[k])[:n] for k in self.outputs}
+        self.busy_seconds += time.perf_counter() - started
+        return result
 
     def __call__(self, clips: Iterable[np.ndarray], *, total: int | None = None,
                  desc: str | None = None) -> dict[str, np.ndarray]:
-        from tqdm import tqdm
+        from data_pipelines import progress
 
         parts: list[dict[str, np.ndarray]] = []
         batch: list[np.ndarray] = []
-        with tqdm(total=total, desc=desc, unit="clip", leave=False, disable=desc is None) as bar:
+        with progress.bar(total=total, desc=desc, unit="clip", leave=False, disable=desc is None) as bar:
             for clip in clips:
                 clip = np.asarray(clip)
                 if clip.shape != self.clip_shape or clip.dtype != np.uint8:

@@ -226,7 +226,10 @@ def test_predict_outputs_and_failures(workspace, predicted):
 
     result = json.loads((out / "moving" / "predictions.json").read_text())
     assert result["num_frames"] == MOVING_FRAMES and result["fps"] == 25.0 and result["class_names"] == DFEW
-    assert result["face_crop"] and result["face_detected_frames"] > MOVING_FRAMES // 2
+    # re-detection every 5 frames (0, 5, ..., 40) and the last frame: 10 detector hits
+    assert result["face_crop"] and result["face_detected_frames"] >= 9
+    assert result["num_tracks"] == 1 and result["tracks"][0]["windows"] == result["windows"]
+    assert (result["tracks"][0]["start_frame"], result["tracks"][0]["end_frame"]) == (0, MOVING_FRAMES - 1)
     assert not result["padded"] and result["note"] is None
     windows = result["windows"]
     assert [(w["start_frame"], w["end_frame"]) for w in windows] == [(0, 15), (8, 23), (16, 31), (24, 39), (29, 44)]
@@ -241,7 +244,7 @@ def test_predict_outputs_and_failures(workspace, predicted):
 
     with open(out / "moving" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == (["index", "start_frame", "end_frame", "start_time", "end_time"]
+    assert list(rows[0]) == (["track_id", "index", "start_frame", "end_frame", "start_time", "end_time"]
                              + [f"p_{c}" for c in DFEW] + ["top_class", "top_probability"])
     assert len(rows) == len(windows) and rows[-1]["end_frame"] == str(MOVING_FRAMES - 1)
     np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in DFEW] for r in rows], probs, atol=1e-6)
