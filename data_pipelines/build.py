@@ -70,9 +70,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from data_pipelines import records, video_io
+from data_pipelines.progress import bar as progress_bar
 from data_pipelines.sources import official_csv, videos
 
 CSV_NAMES = (*official_csv.OFFICIAL_LAYOUTS, "csv")
@@ -123,10 +123,13 @@ class FrameOptions:
     max_frames: int | None
     frame_stride: int
     decode_threads: int = 0
+    keep_truncated: bool = False  # keep videos that decode to fewer frames than declared (flagged), or skip them
 
     def content_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         del fields["decode_threads"]
+        if not fields["keep_truncated"]:  # the default leaves the fingerprints of earlier builds unchanged
+            del fields["keep_truncated"]
         return fields
 
 
@@ -181,8 +184,14 @@ def fixed_top_centre_crop(img: Image.Image, side: int) -> Image.Image:
     return img.crop((left, 0, left + side, side))
 
 
-def _source_frames(inp: ClipInput, opts: FrameOptions) -> tuple[Iterator[Image.Image], float | None, str]:
-    """Open the clip input -> (RGB frames in temporal order, fps of the stored frames, kind)."""
+def _source_frames(inp: ClipInput, opts: FrameOptions,
+                   extra: dict | None = None) -> tuple[Iterator[Image.Image], float | None, str]:
+    """Open the clip input -> (RGB frames in temporal order, fps of the stored frames, kind).
+
+    A video that decodes to fewer frames than its header declares, or stops with a decoding error, is truncated
+    (a faststart mp4 cut short opens fine and would silently become a shorter clip): the frame iterator raises
+    ClipSkipped("truncated video") at its end, or with ``opts.keep_truncated`` records
+    ``extra["truncated"] = {declared_frames, decoded_frames, error}`` and keeps what decoded."""
     path = inp.path
     if not os.path.exists(path):
         raise ClipSkipped("missing path", f"{path} does not exist")
@@ -199,8 +208,15 @@ def _source_frames(inp: ClipInput, opts: FrameOptions) -> tuple[Iterator[Image.I
 
     def frames() -> Iterator[Image.Image]:
         with video:
-            for rgb in video.frames(frame_stride=opts.frame_stride, max_frames=opts.max_frames):
+            for rgb in video.frames(frame_stride=opts.frame_stride, max_frames=opts.max_frames,
+                                    on_error="stop" if opts.keep_truncated else "raise"):
                 yield Image.fromarray(rgb)
+            truncation = video.truncation()
+        if truncation is not None and not opts.keep_truncated:
+            raise ClipSkipped("truncated video", f"{video_io.truncation_note(path, truncation)} (--keep_truncated "
+                                                 f"keeps such clips, flagged in the record's extra.truncated)")
+        if truncation is not None and extra is not None:
+            extra["truncated"] = truncation
 
     return frames(), fps, "video"
 
@@ -208,8 +224,8 @@ def _source_frames(inp: ClipInput, opts: FrameOptions) -> tuple[Iterator[Image.I
 def convert_clip(inp: ClipInput, opts: FrameOptions) -> tuple[records.ClipRecord, str]:
     """One input -> (record, 'HxW' of the source frames). Raises ClipSkipped for unusable inputs."""
     try:
-        frames, fps, kind = _source_frames(inp, opts)
         extra: dict[str, Any] = {}
+        frames, fps, kind = _source_frames(inp, opts, extra)
         if kind == "image":
             extra["single_image"] = True
         if opts.frame_stride > 1:
@@ -369,7 +385,7 @@ def run_tasks(
     tasks: Sequence[ShardTask], *, workers: int, total_clips: int, done_clips: int, progress: bool
 ) -> list[dict]:
     """Build the shards (in-process for one worker, else a spawn pool); progress bar counts clips."""
-    bar = tqdm(total=total_clips, initial=done_clips, unit="clip", desc="converting", disable=not progress,
+    bar = progress_bar(total=total_clips, initial=done_clips, unit="clip", desc="converting", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
         if workers <= 1 or len(tasks) <= 1:
@@ -588,6 +604,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--face_detect_every", type=int, help="run the detector every n frames (default: faces' default)")
     g.add_argument("--max_frames", type=int, help="store at most this many frames per clip (after the stride)")
     g.add_argument("--frame_stride", type=int, default=1, help="store every n-th frame")
+    g.add_argument("--keep_truncated", action="store_true",
+                   help="videos that decode to fewer frames than their header declares (cut short, damaged): keep "
+                        "the decoded frames, flagged in the record's extra.truncated (default: skip and report)")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=1, help="worker processes")
     g.add_argument("--clips_per_shard", type=int, default=256)
@@ -646,6 +665,7 @@ def _validate(args: argparse.Namespace) -> FrameOptions:
         short_side=args.short_side, jpeg_quality=args.jpeg_quality, frame_ext=frame_ext, fixed_crop=bool(fixed_crop),
         face_crop=bool(args.face_crop), face_margin=args.face_margin, face_detect_every=args.face_detect_every,
         max_frames=args.max_frames, frame_stride=args.frame_stride, decode_threads=1 if args.workers > 1 else 0,
+        keep_truncated=bool(getattr(args, "keep_truncated", False)),
     )
 
 

@@ -47,7 +47,7 @@ class PlainLines(tqdm):
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("mininterval", PLAIN_INTERVAL_S)
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.0), PLAIN_INTERVAL_S)
         kwargs["maxinterval"] = max(kwargs.get("maxinterval", 10.0), kwargs["mininterval"])
         kwargs["dynamic_ncols"] = False
         if kwargs.get("total") is None and args and hasattr(args[0], "__len__"):
