@@ -8,8 +8,11 @@ interview of 3 minutes took 11 minutes, and the clip had to fit in memory. Here:
 1. **Frames come one at a time** (grey luma is enough; the decoder's Y plane costs nothing), and only the
    detections are kept: 16 bytes per searched frame and face, so memory does not grow with resolution and stays
    tiny with length.
-2. **Full-frame scans are rare**: every ``scan_every`` frames (default 25, one second at 25 fps) the frontal cascade searches the whole
-   downscaled frame for faces that are not tracked yet; while nothing is tracked, every ``detect_every`` frames.
+2. **Full-frame scans are rare**: every ``scan_every`` frames (default 50, two seconds at 25 fps: a person who
+   comes into view is tracked within two seconds, less than one window of the published models) the frontal
+   cascade searches the whole downscaled frame for faces that are not tracked yet; while nothing is tracked, every
+   ``detect_every`` frames. A scan costs ~50 ms on an idle core at 640x480 (~130 ms on this shared machine),
+   a re-detection ~1/15 of that, so scans dominate the cost.
 3. **Tracked faces are re-detected around their last box** every ``detect_every`` frames (default 5): a region of
    ``ROI_SIDE`` face sizes around the last box, scaled so the face spans ~``REDETECT_FACE_PX`` pixels, with the
    cascade's window sizes limited to the plausible range. That costs ~1-2 ms instead of ~50 ms.
@@ -64,7 +67,7 @@ class TrackingOptions:
     """
 
     detect_every: int = 5
-    scan_every: int = 25
+    scan_every: int = 50
     min_face: int = 80
     max_gap: int = 50
     search_seconds: float | None = 10.0
