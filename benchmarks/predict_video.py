@@ -1,7 +1,7 @@
 """Own-video inference at real length: a 3-minute 640x480 video through ``facemae_jax.predict``.
 
 Generates (once, cached in ``--workdir``) a 3-minute, 25 fps, 640x480 H.264 video of a real face photo (scikit-
-image's astronaut, face box ~110 px) drifting over a textured background (the brick photo, panning), and the same
+image's astronaut, Haar face box ~100 px) drifting over a textured background (the brick photo, panning), and the same
 video without the face. Then runs the real command line in fresh subprocesses and reports, per run:
 
 * wall time (process start to exit, model loading and compilation included) and peak RSS (``ru_maxrss``);

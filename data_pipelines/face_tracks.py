@@ -1,9 +1,10 @@
 """Fast face tracking over a stream of frames, for videos of any length and any number of people.
 
 Why this module exists: :func:`faces.detect_and_crop` runs the full-frame Haar search on every searched frame of a
-clip that is held in memory. That is fine for a 2-second dataset clip, but a full-frame search costs ~50 ms on a
-640x480 frame (frontal cascade; ~150 ms when no face is found and the profile cascade runs twice more), so an
-interview of 3 minutes took 11 minutes, and the clip had to fit in memory. Here:
+clip that is held in memory. That is fine for a 2-second dataset clip, but a full-frame search of a 640x480 frame
+cost 50 ms (frontal cascade) and 147 ms when no face is found and the profile cascade runs twice more (measured on
+this 2-core machine at load 1.2), so a face-free 3-minute video took 11 minutes, and the clip had to fit in memory.
+Here:
 
 1. **Frames come one at a time** (grey luma is enough; the decoder's Y plane costs nothing), and only the
    detections are kept: 16 bytes per searched frame and face, so memory does not grow with resolution and stays
@@ -11,11 +12,12 @@ interview of 3 minutes took 11 minutes, and the clip had to fit in memory. Here:
 2. **Full-frame scans are rare**: every ``scan_every`` frames (default 50, two seconds at 25 fps: a person who
    comes into view is tracked within two seconds, less than one window of the published models) the frontal
    cascade searches the whole downscaled frame for faces that are not tracked yet; while nothing is tracked, every
-   ``detect_every`` frames. A scan costs ~50 ms on an idle core at 640x480 (~130 ms on this shared machine),
-   a re-detection ~1/15 of that, so scans dominate the cost.
+   ``detect_every`` frames. Scans dominate the cost: ~100-130 ms each at 640x480 at load 6-7 on 2 cores, against
+   ~8 ms for a re-detection (``benchmarks/predict_video.py``).
 3. **Tracked faces are re-detected around their last box** every ``detect_every`` frames (default 5): a region of
    ``ROI_SIDE`` face sizes around the last box, scaled so the face spans ~``REDETECT_FACE_PX`` pixels, with the
-   cascade's window sizes limited to the plausible range. That costs ~1-2 ms instead of ~50 ms.
+   cascade's window sizes limited to the plausible range (4 ms for a 72 px face at load 3, against ~100 ms for a
+   full scan at that load).
 4. **Adaptive when lost**: when the re-detection misses, the frontal-then-profile search runs on every following
    frame (``LOST_DENSE_ATTEMPTS`` attempts) before the face is declared lost; a lost face that reappears near its
    last place within ``max_gap`` frames continues its track (short occlusions, a turned head), otherwise a new
