@@ -47,7 +47,10 @@ where it stopped and ends with the complete info. Two builds must not write to o
 
 Bad inputs never stop a build: missing or empty clip folders, unreadable frames, truncated or zero-frame videos,
 labels out of range, clips without a face (``--face_crop``) are listed in ``dataset_info.json["skipped"]`` with
-the input and the reason, and summarised on stderr. Bad *configuration* (annotation folder missing, fold layout
+the input and the reason, and summarised on stderr. A video that decodes to fewer frames than its header
+declares (a faststart mp4 cut short opens fine) is skipped as "truncated video", or kept with what decoded and
+flagged in ``extra.truncated`` with ``--keep_truncated``. ``--face_crop`` on videos longer than
+``STREAMED_FACE_CROP_BYTES`` of decoded frames tracks and crops in two streamed passes (``face_tracks``). Bad *configuration* (annotation folder missing, fold layout
 wrong, a ``--path_remap`` that matches nothing, no clip path existing at all) stops before anything is written.
 """
 
@@ -78,6 +81,9 @@ from data_pipelines.sources import official_csv, videos
 CSV_NAMES = (*official_csv.OFFICIAL_LAYOUTS, "csv")
 VIDEO_NAMES = ("voxceleb2", "videos")
 SIDECAR_DIR = "_build"
+# --face_crop on a video whose decoded frames would exceed this goes through the streamed two-pass tracker
+# (data_pipelines.face_tracks); shorter clips keep the in-memory detect_and_crop (their bytes stay as before).
+STREAMED_FACE_CROP_BYTES = 256 * 2**20
 INFO_FILE = "dataset_info.json"
 
 
@@ -230,7 +236,9 @@ def convert_clip(inp: ClipInput, opts: FrameOptions) -> tuple[records.ClipRecord
             extra["single_image"] = True
         if opts.frame_stride > 1:
             extra["frame_stride"] = opts.frame_stride
-        if opts.face_crop:
+        if opts.face_crop and kind == "video" and _decoded_bytes(inp.path, opts) > STREAMED_FACE_CROP_BYTES:
+            jpegs, size, source_size = _streamed_face_crop_frames(inp, opts, extra)
+        elif opts.face_crop:
             jpegs, size, source_size = _face_crop_frames(inp, frames, opts, extra)
         else:
             jpegs, size, source_size = _plain_frames(frames, opts)
@@ -260,6 +268,41 @@ def _plain_frames(frames: Iterator[Image.Image], opts: FrameOptions):
     if not jpegs:
         raise ClipSkipped("no frames", "the input yielded no frame")
     return jpegs, (out.height, out.width), source_size
+
+
+def _decoded_bytes(path: str, opts: FrameOptions) -> int:
+    """RGB bytes of the frames a video would decode to (header frame count; 0 when the header has none)."""
+    with video_io.VideoFile(path, threads=1) as video:
+        frames = -(-video.declared_frames // opts.frame_stride)
+        if opts.max_frames is not None:
+            frames = min(frames, opts.max_frames)
+        return frames * video.height * video.width * 3
+
+
+def _streamed_face_crop_frames(inp: ClipInput, opts: FrameOptions, extra: dict):
+    """Face crop of a long video in two streamed passes (data_pipelines.face_tracks): memory stays bounded."""
+    from data_pipelines import face_tracks, faces
+
+    defaults = face_tracks.TrackingOptions()
+    options = face_tracks.TrackingOptions(
+        detect_every=opts.face_detect_every or defaults.detect_every, search_seconds=None,
+        margin=defaults.margin if opts.face_margin is None else opts.face_margin)
+    try:
+        track, crops, truncation, source_size = face_tracks.largest_face_crops(
+            inp.path, opts.short_side, options, frame_stride=opts.frame_stride, max_frames=opts.max_frames,
+            threads=opts.decode_threads, on_error="stop" if opts.keep_truncated else "raise")
+    except faces.NoFaceFound as e:
+        raise ClipSkipped("no face found", f"{inp.path}: {e}") from e
+    if truncation is not None and not opts.keep_truncated:
+        raise ClipSkipped("truncated video", f"{video_io.truncation_note(inp.path, truncation)} (--keep_truncated "
+                                             f"keeps such clips, flagged in the record's extra.truncated)")
+    if truncation is not None:
+        extra["truncated"] = truncation
+    extra["face_boxes"] = np.round(np.asarray(track.boxes, np.float64), 1).tolist()
+    extra["face_detected_fraction"] = float(np.mean(track.detected))
+    extra["face_crop_streamed"] = True
+    jpegs = [records.encode_jpeg(c, opts.jpeg_quality) for c in crops]
+    return jpegs, (opts.short_side, opts.short_side), source_size
 
 
 def _face_crop_frames(inp: ClipInput, frames: Iterator[Image.Image], opts: FrameOptions, extra: dict):

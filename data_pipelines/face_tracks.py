@@ -405,3 +405,33 @@ def crop_tracks(frames: Iterable[np.ndarray], tracks: list[Track], out_size: int
         crops = {track.track_id: faces.crop_square(frame, track.box(t), out_size)
                  for track in tracks if track.covers(t)}
         yield t, frame, crops
+
+
+def largest_face_crops(path: str, out_size: int, options: TrackingOptions = TrackingOptions(), *,
+                       frame_stride: int = 1, max_frames: int | None = None, threads: int = 0,
+                       on_error: str = "raise") -> tuple[Track, Iterator[np.ndarray], dict | None, tuple[int, int]]:
+    """The largest face of a video file, cropped, in two streamed passes (what the dataset converter uses for
+    videos too long to hold in memory).
+
+    Pass 1 (here) tracks on the luma plane of frames 0, s, 2s, ... (``frame_stride`` s, at most ``max_frames``);
+    returns ``(track, crops, truncation, (height, width))`` where ``crops`` is a generator running pass 2 (uint8
+    [out_size, out_size, 3] per kept frame), ``truncation`` is :meth:`VideoFile.truncation` of pass 1. Raises
+    NoFaceFound, or video_io.VideoReadError for unreadable files.
+    """
+    from data_pipelines import video_io
+
+    kept = dict(frame_stride=frame_stride, max_frames=max_frames, on_error=on_error)
+    with video_io.VideoFile(path, threads=threads) as video:
+        (track,), tracker = track_frames(video.frames(format="gray", **kept), options, fps=video.fps,
+                                         largest_only=True)
+        truncation = video.truncation()
+        size = (video.height, video.width)
+
+    def crops() -> Iterator[np.ndarray]:
+        with video_io.VideoFile(path, threads=threads) as again:
+            for t, frame in enumerate(again.frames(**kept)):
+                if t >= tracker.num_frames:
+                    return
+                yield faces.crop_square(frame, track.box(t), out_size)
+
+    return track, crops(), truncation, size

@@ -607,3 +607,25 @@ def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch):
     with progress.bar(total=2, file=silent) as bar:
         bar.update(2)
     assert silent.getvalue() == ""
+
+
+def test_converter_face_crops_long_videos_in_two_streamed_passes(workspace, tmp_path, monkeypatch):
+    """Above STREAMED_FACE_CROP_BYTES of decoded frames, --face_crop tracks and crops with the streaming tracker."""
+    from data_pipelines import build
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    shutil.copy(workspace["videos"] / "moving.mp4", root / "moving.mp4")
+    shutil.copy(workspace["videos"] / "noface.mp4", root / "noface.mp4")
+    monkeypatch.setattr(build, "STREAMED_FACE_CROP_BYTES", 0)  # every video counts as long
+    assert build.main(["videos", "--root", str(root), "--face_crop", "--short_side", "48", "--no_progress",
+                       "--out", str(tmp_path / "ds")]) == 0
+    (rec,) = records.read_records(str(tmp_path / "ds"))
+    assert rec.clip_id == "moving" and rec.extra["face_crop_streamed"] and rec.num_frames == MOVING_FRAMES
+    assert len(rec.extra["face_boxes"]) == MOVING_FRAMES and 0 < rec.extra["face_detected_fraction"] < 1
+    frames = records.decode_frames(rec)
+    assert frames.shape == (MOVING_FRAMES, 48, 48, 3) and frames.std() > 20  # a face crop, not the grey canvas
+    boxes = np.array(rec.extra["face_boxes"])
+    assert np.all(np.diff((boxes[:, 0] + boxes[:, 2]) / 2) > 0)  # the box follows the face sliding right
+    info = json.loads((tmp_path / "ds" / "dataset_info.json").read_text())
+    assert [s["reason"].split(":")[0] for s in info["skipped"]] == ["no face found"]
