@@ -153,8 +153,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 class FaceTracker:
     """Feed grey frames in order with :meth:`update`; :meth:`finish` returns the tracks.
 
-    ``wants(t)`` says whether frame t will be searched at all, so a caller may skip preparing that frame (the
-    module's own :func:`track_video` simply passes every luma frame; it is a view of the decoder's buffer).
+    Every frame is fed (the luma plane is a view of the decoder's buffer, so this costs nothing); the tracker
+    decides which frames it searches.
     """
 
     def __init__(self, height: int, width: int, options: TrackingOptions = TrackingOptions(),
@@ -181,9 +181,6 @@ class FaceTracker:
     def _scan_due(self, t: int) -> bool:
         every = self.options.scan_every if self.active else self.options.detect_every
         return t % every == 0
-
-    def wants(self, t: int) -> bool:
-        return self._scan_due(t) or any(t - live.last_attempt >= self._interval(live) for live in self.active)
 
     def _interval(self, live: _Live) -> int:
         return 1 if live.misses else self.options.detect_every

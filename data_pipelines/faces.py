@@ -31,6 +31,9 @@ whatever lies on the frame edge (flicker and fake texture beside the face), and 
 parts (a second ear or eye). A constant fill carries no content, stays still while the box moves, and looks like
 the letterboxing the datasets already contain.
 
+For long videos, several people and bounded memory, :mod:`data_pipelines.face_tracks` streams frames through the
+same detector and smoothing (re-detection around each tracked face, rare full-frame scans); ``predict`` uses it.
+
 Nothing here imports jax (data_pipelines rule).
 """
 
