@@ -47,11 +47,14 @@ where it stopped and ends with the complete info. Two builds must not write to o
 
 Bad inputs never stop a build: missing or empty clip folders, unreadable frames, truncated or zero-frame videos,
 labels out of range, clips without a face (``--face_crop``) are listed in ``dataset_info.json["skipped"]`` with
-the input and the reason, and summarised on stderr. A video that decodes to fewer frames than its header
-declares (a faststart mp4 cut short opens fine) is skipped as "truncated video", or kept with what decoded and
-flagged in ``extra.truncated`` with ``--keep_truncated``. ``--face_crop`` on videos longer than
-``STREAMED_FACE_CROP_BYTES`` of decoded frames tracks and crops in two streamed passes (``face_tracks``). Bad *configuration* (annotation folder missing, fold layout
+the input and the reason, and summarised on stderr. Bad *configuration* (annotation folder missing, fold layout
 wrong, a ``--path_remap`` that matches nothing, no clip path existing at all) stops before anything is written.
+
+Truncated videos and long videos. A video that decodes to fewer frames than its header declares (a faststart mp4
+cut short opens fine) is skipped as "truncated video", or kept with what decoded and flagged in
+``extra.truncated`` with ``--keep_truncated``. ``--face_crop`` on a video whose decoded frames exceed
+``STREAMED_FACE_CROP_BYTES`` tracks and crops in two streamed passes (``face_tracks``), so it never has to fit in
+memory.
 """
 
 from __future__ import annotations
