@@ -431,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stride_frames is not None and args.stride_frames < 1:
         raise SystemExit(f"--stride_frames must be >= 1, got {args.stride_frames}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out} is a file; it must be a directory (created if missing)")
     try:
         tracking = TrackingOptions(detect_every=args.detect_every, scan_every=args.scan_every,
                                    min_face=args.min_face,
@@ -495,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         progress.write(f"warning: {truncation_note(video, res['truncation'])}")
             if res is not None:
                 summary = res["summary"]
-                who = f" (main of {res['num_tracks']} tracks)" if res.get("num_tracks", 1) > 1 else ""
+                who = f"; main of {res['num_tracks']} face tracks" if res.get("num_tracks", 1) > 1 else ""
                 progress.write(f"{video}: {summary['top_class']} ({summary['top_probability']:.1%} mean over "
                                f"{summary['num_windows']} windows{who})", file=sys.stdout)
                 entry.update(status="ok", num_frames=res["num_frames"], fps=res["fps"], padded=res["padded"],
