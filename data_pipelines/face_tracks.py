@@ -12,7 +12,8 @@ Here:
 2. **Full-frame scans are rare**: every ``scan_every`` frames (default 50, two seconds at 25 fps: a person who
    comes into view is tracked within two seconds, less than one window of the published models) the frontal
    cascade searches the whole downscaled frame for faces that are not tracked yet; while nothing is tracked, every
-   ``detect_every`` frames. Scans dominate the cost: ~100-130 ms each at 640x480 at load 6-7 on 2 cores, against
+   ``detect_every`` frames during the first seconds and right after a face was lost (a long face-free stretch of
+   a recording, e.g. slides, falls back to every ``scan_every`` frames). Scans dominate the cost: ~100-130 ms each at 640x480 at load 6-7 on 2 cores, against
    ~8 ms for a re-detection (``benchmarks/predict_video.py``).
 3. **Tracked faces are re-detected around their last box** every ``detect_every`` frames (default 5): a region of
    ``ROI_SIDE`` face sizes around the last box, scaled so the face spans ~``REDETECT_FACE_PX`` pixels, with the
@@ -53,6 +54,7 @@ SCAN_GATE = 1.0  # a full-scan detection continues a track whose last box is wit
 LOST_DENSE_ATTEMPTS = 5  # consecutive missed re-detections (every frame after the first miss) = face lost
 DUPLICATE_IOU = 0.5  # two tracks whose boxes overlap this much on the same frame follow one face: the younger stops
 DEFAULT_FPS = 25.0  # for search_seconds when the file has no frame rate
+DENSE_SEARCH_SECONDS = 10.0  # with search_seconds=None: how long the first face is searched for every detect_every
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +169,10 @@ class FaceTracker:
         self.fps = fps
         self.search_limit = (None if options.search_seconds is None
                              else max(1, round(options.search_seconds * (fps or DEFAULT_FPS))))
+        # dense searching (every detect_every frames) while nothing is tracked: during the first seconds, and within
+        # max_gap frames after a face was last seen; elsewhere (long face-free stretches) every scan_every frames
+        self.dense_search_frames = round((options.search_seconds or DENSE_SEARCH_SECONDS) * (fps or DEFAULT_FPS))
+        self._last_seen = None
         self.active: list[_Live] = []
         self.dormant: list[_Live] = []
         self.closed: list[_Live] = []
@@ -179,8 +185,10 @@ class FaceTracker:
     # ----- per frame
 
     def _scan_due(self, t: int) -> bool:
-        every = self.options.scan_every if self.active else self.options.detect_every
-        return t % every == 0
+        searching_hard = not self.active and (
+            t < self.dense_search_frames
+            or (self._last_seen is not None and t - self._last_seen <= self.options.max_gap))
+        return t % (self.options.detect_every if searching_hard else self.options.scan_every) == 0
 
     def _interval(self, live: _Live) -> int:
         return 1 if live.misses else self.options.detect_every
@@ -247,6 +255,7 @@ class FaceTracker:
             self._hit(live, t, boxes[i])
         for i, box in enumerate(boxes):
             if i not in taken_boxes:
+                self._last_seen = t
                 live = _Live(uid=self._next_uid, frames=[t], boxes=[box], last_attempt=t)
                 self._next_uid += 1
                 self.active.append(live)
@@ -254,6 +263,7 @@ class FaceTracker:
         return taken_tracks
 
     def _hit(self, live: _Live, t: int, box: np.ndarray) -> None:
+        self._last_seen = t
         live.frames.append(t)
         live.boxes.append(np.asarray(box, np.float32))
         live.last_attempt = t

@@ -384,3 +384,14 @@ def test_streaming_tracker_gives_up_early_without_a_face():
         face_tracks.track_frames(noise, whole, fps=25)
     with pytest.raises(ValueError, match="detect_every must be a positive int"):
         face_tracks.TrackingOptions(detect_every=0)
+
+
+def test_streaming_tracker_searches_face_free_stretches_sparsely():
+    from data_pipelines import face_tracks
+
+    noise = np.random.default_rng(1).integers(0, 255, (300, 60, 80), dtype=np.uint8)
+    options = face_tracks.TrackingOptions(detect_every=5, scan_every=50, search_seconds=None)
+    tracker = face_tracks.FaceTracker(60, 80, options, fps=10)  # dense search for the first 10 s = 100 frames
+    for t, grey in enumerate(noise):
+        tracker.update(t, grey)
+    assert tracker.scans == 100 // 5 + 200 // 50  # every 5th frame, then every 50th
