@@ -51,6 +51,12 @@ Bad inputs never stop a build: missing or empty clip folders, unreadable frames,
 labels out of range, clips without a face (``--face_crop``) are listed in ``dataset_info.json["skipped"]`` with
 the input and the reason, and summarised on stderr. Bad *configuration* (annotation folder missing, fold layout
 wrong, a ``--path_remap`` that matches nothing, no clip path existing at all) stops before anything is written.
+
+Truncated videos and long videos. A video that decodes to fewer frames than its header declares (a faststart mp4
+cut short opens fine) is skipped as "truncated video", or kept with what decoded and flagged in
+``extra.truncated`` with ``--keep_truncated``. ``--face_crop`` on a video whose decoded frames exceed
+``STREAMED_FACE_CROP_BYTES`` tracks and crops in two streamed passes (``face_tracks``), so it never has to fit in
+memory.
 """
 
 from __future__ import annotations
@@ -72,14 +78,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from data_pipelines import records, video_io
+from data_pipelines.progress import bar as progress_bar
 from data_pipelines.sources import official_csv, videos
 
 CSV_NAMES = (*official_csv.OFFICIAL_LAYOUTS, "csv")
 VIDEO_NAMES = ("voxceleb2", "videos")
 SIDECAR_DIR = "_build"
+# --face_crop on a video whose decoded frames would exceed this goes through the streamed two-pass tracker
+# (data_pipelines.face_tracks); shorter clips keep the in-memory detect_and_crop (their bytes stay as before).
+STREAMED_FACE_CROP_BYTES = 256 * 2**20
 INFO_FILE = "dataset_info.json"
 
 
@@ -126,12 +135,15 @@ class FrameOptions:
     frame_stride: int
     decode_threads: int = 0
     store_original: bool = False  # keep frame files' bytes as they are (no resize, no re-encoding)
+    keep_truncated: bool = False  # keep videos that decode to fewer frames than declared (flagged), or skip them
 
     def content_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         del fields["decode_threads"]
         if not self.store_original:  # absent = re-encoded, so shards built before the option keep their fingerprint
             del fields["store_original"]
+        if not fields["keep_truncated"]:  # the default leaves the fingerprints of earlier builds unchanged
+            del fields["keep_truncated"]
         return fields
 
 
@@ -186,8 +198,14 @@ def fixed_top_centre_crop(img: Image.Image, side: int) -> Image.Image:
     return img.crop((left, 0, left + side, side))
 
 
-def _source_frames(inp: ClipInput, opts: FrameOptions) -> tuple[Iterator[Image.Image], float | None, str]:
-    """Open the clip input -> (RGB frames in temporal order, fps of the stored frames, kind)."""
+def _source_frames(inp: ClipInput, opts: FrameOptions,
+                   extra: dict | None = None) -> tuple[Iterator[Image.Image], float | None, str]:
+    """Open the clip input -> (RGB frames in temporal order, fps of the stored frames, kind).
+
+    A video that decodes to fewer frames than its header declares, or stops with a decoding error, is truncated
+    (a faststart mp4 cut short opens fine and would silently become a shorter clip): the frame iterator raises
+    ClipSkipped("truncated video") at its end, or with ``opts.keep_truncated`` records
+    ``extra["truncated"] = {declared_frames, decoded_frames, error}`` and keeps what decoded."""
     path = inp.path
     if not os.path.exists(path):
         raise ClipSkipped("missing path", f"{path} does not exist")
@@ -204,8 +222,15 @@ def _source_frames(inp: ClipInput, opts: FrameOptions) -> tuple[Iterator[Image.I
 
     def frames() -> Iterator[Image.Image]:
         with video:
-            for rgb in video.frames(frame_stride=opts.frame_stride, max_frames=opts.max_frames):
+            for rgb in video.frames(frame_stride=opts.frame_stride, max_frames=opts.max_frames,
+                                    on_error="stop" if opts.keep_truncated else "raise"):
                 yield Image.fromarray(rgb)
+            truncation = video.truncation()
+        if truncation is not None and not opts.keep_truncated:
+            raise ClipSkipped("truncated video", f"{video_io.truncation_note(path, truncation)} (--keep_truncated "
+                                                 f"keeps such clips, flagged in the record's extra.truncated)")
+        if truncation is not None and extra is not None:
+            extra["truncated"] = truncation
 
     return frames(), fps, "video"
 
@@ -213,8 +238,8 @@ def _source_frames(inp: ClipInput, opts: FrameOptions) -> tuple[Iterator[Image.I
 def convert_clip(inp: ClipInput, opts: FrameOptions) -> tuple[records.ClipRecord, str]:
     """One input -> (record, 'HxW' of the source frames). Raises ClipSkipped for unusable inputs."""
     try:
-        frames, fps, kind = _source_frames(inp, opts)
         extra: dict[str, Any] = {}
+        frames, fps, kind = _source_frames(inp, opts, extra)
         if kind == "image":
             extra["single_image"] = True
         if opts.frame_stride > 1:
@@ -222,6 +247,8 @@ def convert_clip(inp: ClipInput, opts: FrameOptions) -> tuple[records.ClipRecord
         if opts.store_original:
             jpegs, size, source_size = _original_frames(inp, opts)
             extra["stored"] = "original"
+        elif opts.face_crop and kind == "video" and _decoded_bytes(inp.path, opts) > STREAMED_FACE_CROP_BYTES:
+            jpegs, size, source_size = _streamed_face_crop_frames(inp, opts, extra)
         elif opts.face_crop:
             jpegs, size, source_size = _face_crop_frames(inp, frames, opts, extra)
         else:
@@ -278,6 +305,41 @@ def _original_frames(inp: ClipInput, opts: FrameOptions):
                                                     f"{size[1]}x{size[0]}: stored frames must share one size")
         data.append(raw)
     return data, size, size
+
+
+def _decoded_bytes(path: str, opts: FrameOptions) -> int:
+    """RGB bytes of the frames a video would decode to (header frame count; 0 when the header has none)."""
+    with video_io.VideoFile(path, threads=1) as video:
+        frames = -(-video.declared_frames // opts.frame_stride)
+        if opts.max_frames is not None:
+            frames = min(frames, opts.max_frames)
+        return frames * video.height * video.width * 3
+
+
+def _streamed_face_crop_frames(inp: ClipInput, opts: FrameOptions, extra: dict):
+    """Face crop of a long video in two streamed passes (data_pipelines.face_tracks): memory stays bounded."""
+    from data_pipelines import face_tracks, faces
+
+    defaults = face_tracks.TrackingOptions()
+    options = face_tracks.TrackingOptions(
+        detect_every=opts.face_detect_every or defaults.detect_every, search_seconds=None,
+        margin=defaults.margin if opts.face_margin is None else opts.face_margin)
+    try:
+        track, crops, truncation, source_size = face_tracks.largest_face_crops(
+            inp.path, opts.short_side, options, frame_stride=opts.frame_stride, max_frames=opts.max_frames,
+            threads=opts.decode_threads, on_error="stop" if opts.keep_truncated else "raise")
+    except faces.NoFaceFound as e:
+        raise ClipSkipped("no face found", f"{inp.path}: {e}") from e
+    if truncation is not None and not opts.keep_truncated:
+        raise ClipSkipped("truncated video", f"{video_io.truncation_note(inp.path, truncation)} (--keep_truncated "
+                                             f"keeps such clips, flagged in the record's extra.truncated)")
+    if truncation is not None:
+        extra["truncated"] = truncation
+    extra["face_boxes"] = np.round(np.asarray(track.boxes, np.float64), 1).tolist()
+    extra["face_detected_fraction"] = float(np.mean(track.detected))
+    extra["face_crop_streamed"] = True
+    jpegs = [records.encode_jpeg(c, opts.jpeg_quality) for c in crops]
+    return jpegs, (opts.short_side, opts.short_side), source_size
 
 
 def _face_crop_frames(inp: ClipInput, frames: Iterator[Image.Image], opts: FrameOptions, extra: dict):
@@ -403,7 +465,7 @@ def run_tasks(
     tasks: Sequence[ShardTask], *, workers: int, total_clips: int, done_clips: int, progress: bool
 ) -> list[dict]:
     """Build the shards (in-process for one worker, else a spawn pool); progress bar counts clips."""
-    bar = tqdm(total=total_clips, initial=done_clips, unit="clip", desc="converting", disable=not progress,
+    bar = progress_bar(total=total_clips, initial=done_clips, unit="clip", desc="converting", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
         if workers <= 1 or len(tasks) <= 1:
@@ -627,6 +689,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--face_detect_every", type=int, help="run the detector every n frames (default: faces' default)")
     g.add_argument("--max_frames", type=int, help="store at most this many frames per clip (after the stride)")
     g.add_argument("--frame_stride", type=int, default=1, help="store every n-th frame")
+    g.add_argument("--keep_truncated", action="store_true",
+                   help="videos that decode to fewer frames than their header declares (cut short, damaged): keep "
+                        "the decoded frames, flagged in the record's extra.truncated (default: skip and report)")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=1, help="worker processes")
     g.add_argument("--clips_per_shard", type=int, default=256)
@@ -689,6 +754,7 @@ def _validate(args: argparse.Namespace) -> FrameOptions:
         face_crop=bool(args.face_crop), face_margin=args.face_margin, face_detect_every=args.face_detect_every,
         max_frames=args.max_frames, frame_stride=args.frame_stride, decode_threads=1 if args.workers > 1 else 0,
         store_original=bool(args.store_original_frames),
+        keep_truncated=bool(getattr(args, "keep_truncated", False)),
     )
 
 

@@ -31,6 +31,9 @@ whatever lies on the frame edge (flicker and fake texture beside the face), and 
 parts (a second ear or eye). A constant fill carries no content, stays still while the box moves, and looks like
 the letterboxing the datasets already contain.
 
+For long videos, several people and bounded memory, :mod:`data_pipelines.face_tracks` streams frames through the
+same detector and smoothing (re-detection around each tracked face, rare full-frame scans); ``predict`` uses it.
+
 Nothing here imports jax (data_pipelines rule).
 """
 
@@ -117,9 +120,12 @@ def detection_scale(height: int, width: int, min_face: int) -> float:
     return max(min(1.0, DETECT_LONG_SIDE / max(height, width)), RELIABLE_WINDOW_MULTIPLE * window / min_face)
 
 
-def _haar_boxes(grey: np.ndarray, classifier: cv2.CascadeClassifier) -> np.ndarray:
-    """Run one cascade on a grey image; float64 [N, 4] (x0, y0, x1, y1) in that image's pixels."""
-    found = classifier.detectMultiScale(grey, scaleFactor=HAAR_SCALE_FACTOR, minNeighbors=HAAR_MIN_NEIGHBORS)
+def _haar_boxes(grey: np.ndarray, classifier: cv2.CascadeClassifier, **kwargs) -> np.ndarray:
+    """Run one cascade on a grey image; float64 [N, 4] (x0, y0, x1, y1) in that image's pixels.
+
+    kwargs: detectMultiScale options overriding the module defaults (minNeighbors, minSize, maxSize)."""
+    options = {"scaleFactor": HAAR_SCALE_FACTOR, "minNeighbors": HAAR_MIN_NEIGHBORS, **kwargs}
+    found = classifier.detectMultiScale(grey, **options)
     found = np.asarray(found, np.float64).reshape(-1, 4)
     return np.concatenate([found[:, :2], found[:, :2] + found[:, 2:]], axis=1)
 

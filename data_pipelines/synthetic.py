@@ -1174,6 +1174,9 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
     else:
         pool = None
         encoded = map(render_record, tasks)
+    from data_pipelines.progress import bar as progress_bar  # plain lines when stderr is not a terminal
+
+    bar = progress_bar(total=len(tasks), desc="[synthetic] rendering", unit="clip", disable=not progress)
     try:
         done = 0
         for shard_index, name in enumerate(shard_names):
@@ -1181,10 +1184,9 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
                 for _ in range(min(clips_per_shard, len(tasks) - done)):
                     writer.write(next(encoded))
                     done += 1
-            if progress:
-                rate = done / (time.perf_counter() - started)
-                print(f"[synthetic] {name}: {done}/{len(tasks)} clips, {rate:.1f} clips/s", file=sys.stderr)
+                    bar.update(1)
     finally:
+        bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()

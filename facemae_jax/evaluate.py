@@ -34,9 +34,9 @@ def run_eval(eval_fn, params, pipeline, mesh, *, task: str, class_names: Sequenc
     total = pipeline.num_batches
     bar = None
     if progress and jax.process_index() == 0:
-        from tqdm import tqdm
+        from data_pipelines import progress as progress_bars  # plain lines when not a terminal
 
-        bar = tqdm(total=total, desc=tag, leave=False, unit="batch")
+        bar = progress_bars.bar(total=total, desc=tag, leave=False, unit="batch")
     try:
         for _ in range(total):
             batch = next(it)

@@ -5,7 +5,8 @@ The embedding is the fine-tune model's pooled feature: the mean of the encoder's
 reference's fine-tuning loader does (FINETUNING §6): its encoder weights, the encoder's final ``norm`` dropped, and
 a fresh ``fc_norm`` with unit scale and zero bias — a plain LayerNorm of the mean token.
 
-* videos: one embedding per window (the sliding windows of ``predict``, face crop by default);
+* videos (files or folders): one embedding per window and face track (the streamed sliding windows of
+  ``predict``, face crop by default; bounded memory for videos of any length);
 * shard directory (``*.array_record``, e.g. written by ``data_pipelines.build``): one embedding per clip, from the
   16 frames of the evaluation protocol's first temporal view (DATA §5: frames 0, sr, 2sr, ..., the last repeated
   in short clips), resized to the model's input size with PIL bilinear like the evaluation pipeline.
@@ -22,8 +23,9 @@ Arrays in the ``.npz`` (strings as numpy unicode, so ``np.load`` needs no pickle
 * ``--tokens``: ``tokens`` float32 [N, L, C], the tokens before mean pooling (all patch tokens; for LGI with the
   published 'region' classify type, its region tokens);
 * videos: ``video`` [N] (path), ``window_index``, ``start_frame``, ``end_frame`` int64 [N], ``start_time``,
-  ``end_time`` float64 [N] (NaN without a frame rate), ``padded`` bool [N]; ``failed_videos`` and
-  ``failed_reasons`` for videos that could not be used;
+  ``end_time`` float64 [N] (NaN without a frame rate), ``padded`` bool [N], ``track_id`` int64 [N] (face track);
+  ``failed_videos`` and ``failed_reasons`` for videos that could not be used; ``truncated_videos`` and
+  ``truncated_notes`` for files that decode to fewer frames than they declare (used for what decodes);
 * shards: ``clip_id``, ``source`` [N]; ``label`` int64 [N] (-1 = none) for class labels or float32 [N, K] (NaN =
   none) for regression targets; ``num_source_frames`` int64 [N].
 """
@@ -31,6 +33,7 @@ Arrays in the ``.npz`` (strings as numpy unicode, so ``np.load`` needs no pickle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -58,34 +61,49 @@ def is_shard_input(path: str) -> bool:
 
 
 def extract_videos(videos: Sequence[str], loaded: LoadedModel, forward: inference.ClipForward, *,
-                   stride: int | None = None, face_crop: bool = True, detect_every: int = 1) -> dict[str, np.ndarray]:
-    """Per-window features of every usable video; failures (unreadable, no face, too short) are listed, not raised."""
-    from tqdm import tqdm
-
+                   stride: int | None = None, face_crop: bool = True, tracking=None,
+                   largest_face: bool = False) -> dict[str, np.ndarray]:
+    """Per-window features of every usable video, streamed (``facemae_jax.video_stream``: bounded memory);
+    one set of windows per face track (``track_id``). Failures (unreadable, no face, too short) are listed, not
+    raised; truncated files are used for what decodes and listed in ``truncated_videos``."""
+    from data_pipelines import progress
     from data_pipelines.faces import NoFaceFound
-    from data_pipelines.video_io import VideoReadError
+    from data_pipelines.video_io import VideoReadError, truncation_note
+    from facemae_jax import video_stream
 
     cfg = loaded.cfg
     parts: list[dict[str, Any]] = []
     failed: list[tuple[str, str]] = []
-    for path in tqdm(videos, desc="videos", unit="video", disable=len(videos) < 2):
+    truncated: list[tuple[str, str]] = []
+    for path in progress.bar(videos, desc="videos", unit="video", disable=len(videos) < 2):
+        meta: list[tuple[int, inference.Window]] = []
         try:
-            frames, fps = inference.read_frames(path)
-            windows = inference.plan_windows(len(frames), cfg.num_frames, loaded.sampling_rate, stride)
-            inputs, _, _ = inference.model_frames(frames, cfg.img_size, face_crop=face_crop,
-                                                  detect_every=detect_every)
+            stream = video_stream.VideoClips(path, cfg.num_frames, loaded.sampling_rate, cfg.img_size,
+                                             stride=stride, face_crop=face_crop, tracking=tracking,
+                                             largest_face=largest_face)
+            stream.find_faces()
+
+            def clips() -> Iterator[np.ndarray]:
+                for item in stream.windows():
+                    meta.append((item.track_id, item.window))
+                    yield item.clip
+
+            out = forward(clips(), desc=f"windows {os.path.basename(path)}")
         except (VideoReadError, NoFaceFound, inference.VideoTooShort) as e:
             message = str(e) if isinstance(e, VideoReadError) else f"{path}: {e}"
-            tqdm.write(f"skipped: {message}", file=sys.stderr)
+            progress.write(f"skipped: {message}")
             failed.append((os.path.abspath(path), message))
             continue
-        del frames
-        out = forward(inference.iter_window_clips(inputs, windows), total=len(windows),
-                      desc=f"windows {os.path.basename(path)}")
-        times = np.array([w.times(fps) for w in windows], dtype=np.float64)  # None -> NaN
+        if stream.truncation is not None:
+            note = truncation_note(path, stream.truncation)
+            progress.write(f"warning: {note}")
+            truncated.append((os.path.abspath(path), note))
+        windows = [w for _, w in meta]
+        times = np.array([w.times(stream.fps) for w in windows], dtype=np.float64)  # None -> NaN
         parts.append({
             **out,
             "video": np.array([os.path.abspath(path)] * len(windows)),
+            "track_id": np.array([t for t, _ in meta], np.int64),
             "window_index": np.array([w.index for w in windows], np.int64),
             "start_frame": np.array([w.start_frame for w in windows], np.int64),
             "end_frame": np.array([w.end_frame for w in windows], np.int64),
@@ -99,6 +117,8 @@ def extract_videos(videos: Sequence[str], loaded: LoadedModel, forward: inferenc
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     result["failed_videos"] = np.array([p for p, _ in failed], dtype=str)
     result["failed_reasons"] = np.array([m for _, m in failed], dtype=str)
+    result["truncated_videos"] = np.array([p for p, _ in truncated], dtype=str)
+    result["truncated_notes"] = np.array([m for _, m in truncated], dtype=str)
     return result
 
 
@@ -185,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8, help="clips per forward pass")
     ap.add_argument("--stride_frames", type=int, default=None, help="videos: frames between window starts")
     ap.add_argument("--no_face_crop", action="store_true", help="videos: use whole frames resized to the input")
-    ap.add_argument("--detect_every", type=int, default=1, help="videos: run the face detector every N frames")
+    ap.add_argument("--detect_every", type=int, default=None,
+                    help="videos: re-detect tracked faces every N frames (default: face_tracks.TrackingOptions)")
+    ap.add_argument("--largest_face", action="store_true",
+                    help="videos: only the largest face (default: every face track lasting a window)")
+    ap.add_argument("--search_whole_video", action="store_true",
+                    help="videos: do not give up when no face appears in the first seconds")
     ap.add_argument("--split", default=None, help="shards: only this split of the dataset directory")
     inference.add_model_args(ap)
     return ap
@@ -214,8 +239,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = extract_shards(shard_inputs[0], loaded, forward, split=args.split)
             kind = "shards"
         else:
-            result = extract_videos(args.inputs, loaded, forward, stride=args.stride_frames,
-                                    face_crop=not args.no_face_crop, detect_every=args.detect_every)
+            from data_pipelines.face_tracks import TrackingOptions
+            from facemae_jax import predict
+
+            tracking = TrackingOptions()
+            if args.detect_every is not None:
+                tracking = dataclasses.replace(tracking, detect_every=args.detect_every)
+            if args.search_whole_video:
+                tracking = dataclasses.replace(tracking, search_seconds=None)
+            result = extract_videos(predict.collect_videos(args.inputs), loaded, forward, stride=args.stride_frames,
+                                    face_crop=not args.no_face_crop, tracking=tracking,
+                                    largest_face=args.largest_face)
             kind = "videos"
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,8 @@ spans ``num_frames * sampling_rate`` source frames (64 for DFEW). Windows start 
 one is aligned to the end of the video so that every frame lies in some window. A video shorter than one span but
 with at least ``num_frames`` frames gets one window built like the reference test sampler (every
 ``sampling_rate``-th frame, the last one repeated up to ``num_frames``, FINETUNING §4.2); fewer frames than that
-is :class:`VideoTooShort`.
+is :class:`VideoTooShort`. Videos are decoded, face-tracked, cropped and windowed as a stream by
+:mod:`facemae_jax.video_stream` (its windows are exactly these).
 
 **Forward** (:class:`ClipForward`): clips ``uint8 [T, S, S, 3]`` are normalised on the host with the reference's
 float32 operation order ``(x / 255 - mean) / std`` (bit-identical to the PyTorch loaders, unlike the fused device
@@ -33,8 +34,9 @@ import dataclasses
 import functools
 import json
 import os
+import time
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -351,54 +353,6 @@ def shortness_note(window: Window, num_video_frames: int, clip_len: int, samplin
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Frames: decoding and face cropping
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PreparedVideo:
-    """A decoded video and the model's view of it.
-
-    frames: uint8 [F, H, W, 3] as decoded. fps: of the file (None if unknown).
-    model_frames: uint8 [F, S, S, 3] square inputs (face crops, or whole frames resized).
-    boxes: float32 [F, 4] face boxes (x0, y0, x1, y1) in source pixels, None without face cropping.
-    detected: bool [F] frames where the detector itself found the face (None without face cropping).
-    """
-
-    path: str
-    frames: np.ndarray
-    fps: float | None
-    model_frames: np.ndarray
-    boxes: np.ndarray | None
-    detected: np.ndarray | None
-
-
-def read_frames(path: str) -> tuple[np.ndarray, float | None]:
-    """Decode a video -> (uint8 [F, H, W, 3], fps); raises data_pipelines.video_io.VideoReadError."""
-    from data_pipelines import video_io
-
-    return video_io.read_video(path)
-
-
-def model_frames(frames: np.ndarray, img_size: int, *, face_crop: bool = True, detect_every: int = 1,
-                 min_face: int = 80) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """uint8 [F, H, W, 3] -> (inputs uint8 [F, S, S, 3], boxes or None, detected or None).
-
-    With ``face_crop`` the main face is found, tracked and cropped square (``faces.detect_and_crop``; raises
-    ``faces.NoFaceFound``); without it every frame is resized to S x S with PIL bilinear, aspect ratio not kept,
-    as the reference loaders resize their frames.
-    """
-    if face_crop:
-        from data_pipelines import faces
-
-        track = faces.detect_and_crop(frames, img_size, detect_every=detect_every, min_face=min_face)
-        return track.crops, track.boxes, track.detected
-    from data_pipelines import transforms
-
-    return transforms.resize_frames_pil(frames, img_size, img_size), None, None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Forward pass
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -449,20 +403,24 @@ class ClipForward:
         self.clip_shape = (cfg.num_frames, cfg.img_size, cfg.img_size, 3)
         self._fn = _compiled_classifier(cfg)
         self._params = jax.device_put(loaded.params)
+        self.busy_seconds = 0.0  # time spent normalising and running batches (windows/s of the model itself)
 
     def _run(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         n = len(batch)
         stacked = np.stack(batch + [batch[-1]] * (self.batch_size - n))  # pad: one shape, one compilation
         out = self._fn(self._params, normalize_clips(stacked))
-        return {k: np.asarray(out[k])[:n] for k in self.outputs}
+        result = {k: np.asarray(out[k])[:n] for k in self.outputs}
+        self.busy_seconds += time.perf_counter() - started
+        return result
 
     def __call__(self, clips: Iterable[np.ndarray], *, total: int | None = None,
                  desc: str | None = None) -> dict[str, np.ndarray]:
-        from tqdm import tqdm
+        from data_pipelines import progress
 
         parts: list[dict[str, np.ndarray]] = []
         batch: list[np.ndarray] = []
-        with tqdm(total=total, desc=desc, unit="clip", leave=False, disable=desc is None) as bar:
+        with progress.bar(total=total, desc=desc, unit="clip", leave=False, disable=desc is None) as bar:
             for clip in clips:
                 clip = np.asarray(clip)
                 if clip.shape != self.clip_shape or clip.dtype != np.uint8:
@@ -479,12 +437,6 @@ class ClipForward:
         if not parts:
             raise ValueError("no clips to run")
         return {k: np.concatenate([p[k] for p in parts]) for k in self.outputs}
-
-
-def iter_window_clips(frames: np.ndarray, windows: Sequence[Window]) -> Iterator[np.ndarray]:
-    """uint8 [F, S, S, 3] + windows -> one uint8 [T, S, S, 3] clip per window (gathered lazily)."""
-    for w in windows:
-        yield frames[w.frame_indices]
 
 
 @functools.lru_cache(maxsize=4)

@@ -300,11 +300,11 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     log_every = config.get("log_every_steps", 50)
     eval_every = config.get("eval_every_steps", 0)
     ckpt_every = config.checkpoint.every_steps
-    from tqdm import tqdm
+    from data_pipelines import progress  # tqdm on a terminal, a plain line every few seconds in a log
 
     # an explicit disable= overrides tqdm's own TQDM_DISABLE handling, so honour it here (log files stay readable)
     quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    bar = tqdm(total=stop_at, initial=start, desc=config.task, unit="step", disable=not is_main or quiet,
+    bar = progress.bar(total=stop_at, initial=start, desc=config.task, unit="step", disable=not is_main or quiet,
                dynamic_ncols=True)
     pending: list[tuple[int, dict]] = []
     window_losses: list[float] = []

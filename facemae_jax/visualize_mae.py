@@ -30,14 +30,20 @@ from facemae_jax.inference import LoadedModel
 
 
 def clip_from_video(path: str, loaded: LoadedModel, index: int = 0, *, face_crop: bool = True) -> np.ndarray:
-    """Window ``index`` of a video (the windows of ``predict``) -> uint8 [T, S, S, 3]."""
+    """Window ``index`` of a video's largest face (the windows of ``predict``) -> uint8 [T, S, S, 3].
+
+    Streamed: decoding stops as soon as that window is complete (``facemae_jax.video_stream``)."""
+    from facemae_jax import video_stream
+
     cfg = loaded.cfg
-    frames, _ = inference.read_frames(path)
-    windows = inference.plan_windows(len(frames), cfg.num_frames, loaded.sampling_rate)
-    if not 0 <= index < len(windows):
-        raise IndexError(f"{path}: window {index} does not exist; the video has {len(windows)} windows")
-    inputs, _, _ = inference.model_frames(frames, cfg.img_size, face_crop=face_crop)
-    return inputs[windows[index].frame_indices]
+    stream = video_stream.VideoClips(path, cfg.num_frames, loaded.sampling_rate, cfg.img_size, face_crop=face_crop,
+                                     largest_face=True)
+    count = 0
+    for item in stream.windows():
+        if item.window.index == index:
+            return item.clip
+        count += 1
+    raise IndexError(f"{path}: window {index} does not exist; the video has {count} windows")
 
 
 def clip_from_shards(path: str, loaded: LoadedModel, index: int = 0) -> tuple[np.ndarray, str]:

@@ -329,3 +329,69 @@ def test_draw_box_outlines_and_labels_without_touching_the_input():
         faces.draw_box(frame, [1, 2, 3])
     with pytest.raises(ValueError, match="frame"):
         faces.draw_box(frame[..., 0], [1, 2, 3, 4])
+
+
+# ------------------------------------------------------------------------------ (6) streaming tracker (face_tracks)
+
+
+def grey_frames(frames):
+    return [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+
+
+def test_streaming_tracker_follows_a_moving_face_with_few_full_scans():
+    from data_pipelines import face_tracks
+
+    frames = translated_video(60, 2)
+    options = face_tracks.TrackingOptions(detect_every=5, scan_every=50)
+    (track,), tracker = face_tracks.track_frames(grey_frames(frames), options, fps=25)
+    assert (track.start_frame, track.end_frame) == (0, 59) and track.boxes.shape == (60, 4)
+    assert tracker.scans == 2 and tracker.redetections >= 10  # frames 0 and 50 scanned; the rest re-detected
+    assert track.detected[[0, 5, 10, 55, 59]].all()  # every 5th frame and the last one
+    for t in (0, 30, 59):  # the crop box holds the face region, shifted with the slide
+        region = (FACE_REGION[0] - 100 + 2 * t, FACE_REGION[1], FACE_REGION[2] - 100 + 2 * t, FACE_REGION[3])
+        assert contains(track.boxes[t], region, tolerance=4)
+    # the crops of the second pass come from those boxes
+    t, frame, crops = list(face_tracks.crop_tracks(frames, [track], 64))[30]
+    np.testing.assert_array_equal(crops[0], faces.crop_square(frame, track.boxes[30], 64))
+
+
+def test_streaming_tracker_keeps_a_face_across_a_short_gap_and_splits_a_long_one():
+    from data_pipelines import face_tracks
+
+    options = face_tracks.TrackingOptions(detect_every=5, scan_every=10, max_gap=20)
+    short_gap = translated_video(60, 1, blank=range(20, 32))
+    kept = dict(min_frames=16, min_detections=3)  # what predict keeps (one-off false hits on the suit are dropped)
+    (track,), _ = face_tracks.track_frames(grey_frames(short_gap), options, fps=25, **kept)
+    assert (track.start_frame, track.end_frame) == (0, 59) and not track.detected[20:32].any()
+    long_gap = translated_video(90, 1, blank=range(20, 60))
+    tracks, _ = face_tracks.track_frames(grey_frames(long_gap), options, fps=25, **kept)
+    assert [t.track_id for t in tracks] == [0, 1]  # 40 blank frames > max_gap: the face comes back as a new track
+    assert tracks[0].start_frame == 0 and 15 <= tracks[0].end_frame < 20
+    assert 60 <= tracks[1].start_frame < 70 and tracks[1].end_frame == 89
+
+
+def test_streaming_tracker_gives_up_early_without_a_face():
+    from data_pipelines import face_tracks
+
+    noise = np.random.default_rng(0).integers(0, 255, (200, 120, 160), dtype=np.uint8)
+    early = face_tracks.TrackingOptions(search_seconds=2.0)
+    fed = []
+    with pytest.raises(faces.NoFaceFound, match=r"no face in the first 2 s \(50 frames.*--search_whole_video"):
+        face_tracks.track_frames((fed.append(t) or g for t, g in enumerate(noise)), early, fps=25)
+    assert len(fed) == 50  # the rest of the video was never read
+    whole = face_tracks.TrackingOptions(search_seconds=None)
+    with pytest.raises(faces.NoFaceFound, match="no face found in 200 frames"):
+        face_tracks.track_frames(noise, whole, fps=25)
+    with pytest.raises(ValueError, match="detect_every must be a positive int"):
+        face_tracks.TrackingOptions(detect_every=0)
+
+
+def test_streaming_tracker_searches_face_free_stretches_sparsely():
+    from data_pipelines import face_tracks
+
+    noise = np.random.default_rng(1).integers(0, 255, (300, 60, 80), dtype=np.uint8)
+    options = face_tracks.TrackingOptions(detect_every=5, scan_every=50, search_seconds=None)
+    tracker = face_tracks.FaceTracker(60, 80, options, fps=10)  # dense search for the first 10 s = 100 frames
+    for t, grey in enumerate(noise):
+        tracker.update(t, grey)
+    assert tracker.scans == 100 // 5 + 200 // 50  # every 5th frame, then every 50th

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import jax
@@ -226,7 +227,10 @@ def test_predict_outputs_and_failures(workspace, predicted):
 
     result = json.loads((out / "moving" / "predictions.json").read_text())
     assert result["num_frames"] == MOVING_FRAMES and result["fps"] == 25.0 and result["class_names"] == DFEW
-    assert result["face_crop"] and result["face_detected_frames"] > MOVING_FRAMES // 2
+    # re-detection every 5 frames (0, 5, ..., 40) and the last frame: 10 detector hits
+    assert result["face_crop"] and result["face_detected_frames"] >= 9
+    assert result["num_tracks"] == 1 and result["tracks"][0]["windows"] == result["windows"]
+    assert (result["tracks"][0]["start_frame"], result["tracks"][0]["end_frame"]) == (0, MOVING_FRAMES - 1)
     assert not result["padded"] and result["note"] is None
     windows = result["windows"]
     assert [(w["start_frame"], w["end_frame"]) for w in windows] == [(0, 15), (8, 23), (16, 31), (24, 39), (29, 44)]
@@ -241,7 +245,7 @@ def test_predict_outputs_and_failures(workspace, predicted):
 
     with open(out / "moving" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == (["index", "start_frame", "end_frame", "start_time", "end_time"]
+    assert list(rows[0]) == (["track_id", "index", "start_frame", "end_frame", "start_time", "end_time"]
                              + [f"p_{c}" for c in DFEW] + ["top_class", "top_probability"])
     assert len(rows) == len(windows) and rows[-1]["end_frame"] == str(MOVING_FRAMES - 1)
     np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in DFEW] for r in rows], probs, atol=1e-6)
@@ -418,3 +422,210 @@ def test_pretrain_encoder_as_feature_backbone(workspace):
     np.testing.assert_array_equal(backbone.params["fc_norm"]["scale"], np.ones(32, np.float32))
     np.testing.assert_array_equal(backbone.params["fc_norm"]["bias"], np.zeros(32, np.float32))
     assert inference.as_backbone(backbone) is backbone
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# own videos at real length: streamed windows, several people, truncated files, folders, resume
+
+
+@pytest.mark.parametrize("num_frames", [8, 11, 16, 17, 31, 45, 100])
+@pytest.mark.parametrize("stride", [None, 3, 16, 20])
+def test_streamed_windows_are_plan_windows(num_frames, stride):
+    """The Windower, fed frame by frame, emits exactly plan_windows' windows with the right frames."""
+    from facemae_jax import video_stream
+
+    windower = video_stream.Windower(8, SAMPLING_RATE, stride, start_frame=100)
+    emitted = []
+    for t in range(num_frames):
+        emitted += windower.push(np.full((2, 2, 3), t, np.uint8))
+        assert len(windower.buffer) <= 16  # never more than one window span held
+    emitted += windower.finish()
+    planned = inference.plan_windows(num_frames, 8, SAMPLING_RATE, stride)
+    assert len(emitted) == len(planned)
+    for (window, clip), plan in zip(emitted, planned):
+        assert (window.index, window.start_frame, window.end_frame, window.padded) == (
+            plan.index, plan.start_frame + 100, plan.end_frame + 100, plan.padded)
+        np.testing.assert_array_equal(window.frame_indices, plan.frame_indices + 100)
+        np.testing.assert_array_equal(clip[:, 0, 0, 0], plan.frame_indices)  # each frame carries its index
+
+
+def two_people_video(num_frames: int) -> np.ndarray:
+    """Two faces side by side (the astronaut, and her mirror image lower down), both drifting: [T, 340, 620, 3]."""
+    part = skimage.data.astronaut()[0:300, 100:380]
+    frames = np.full((num_frames, 340, 620, 3), 128, np.uint8)
+    for t in range(num_frames):
+        frames[t, 0:300, t : t + 280] = part
+        frames[t, 40:340, 330 - t // 2 : 610 - t // 2] = part[:, ::-1]
+    return frames
+
+
+def test_two_people_get_two_tracks_with_their_own_predictions(workspace, tmp_path):
+    video = tmp_path / "two.mp4"
+    video_io.write_video(video, two_people_video(40), fps=25)
+    base = [str(video), "--checkpoint", str(workspace["root"] / "finetune"), "--batch", BATCH]
+    assert predict.main(base + ["--out", str(tmp_path / "all"), "--annotate"]) == 0
+    result = json.loads((tmp_path / "all" / "two" / "predictions.json").read_text())
+    assert result["num_tracks"] == 2 and [t["track_id"] for t in result["tracks"]] == [0, 1]
+    centres = []
+    for track in result["tracks"]:
+        assert (track["start_frame"], track["end_frame"]) == (0, 39) and track["face_detected_frames"] >= 6
+        assert [(w["start_frame"], w["end_frame"]) for w in track["windows"]] == [(0, 15), (8, 23), (16, 31),
+                                                                                  (24, 39)]
+        probs = np.array([[w["probabilities"][c] for c in DFEW] for w in track["windows"]])
+        np.testing.assert_allclose([track["summary"]["mean_probabilities"][c] for c in DFEW], probs.mean(0),
+                                   rtol=1e-6)
+        assert all(w["track_id"] == track["track_id"] for w in track["windows"])
+    first, second = (np.array([[w["probabilities"][c] for c in DFEW] for w in t["windows"]])
+                     for t in result["tracks"])
+    assert np.abs(first - second).max() > 1e-4  # two different faces, two different model inputs
+    assert sum(t["main"] for t in result["tracks"]) == 1
+    main = next(t for t in result["tracks"] if t["main"])
+    assert result["windows"] == main["windows"] and result["summary"] == main["summary"]
+    with open(tmp_path / "all" / "two" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["track_id"] for r in rows] == ["0"] * 4 + ["1"] * 4
+
+    # the annotated video labels both faces ("#0 ...", "#1 ..."): drawn pixels near both faces' tops
+    annotated, _ = video_io.read_video(tmp_path / "all" / "two" / "annotated.mp4")
+    source, _ = video_io.read_video(video)
+    changed = np.abs(annotated.astype(int) - source.astype(int)).max(axis=-1) > 60
+    assert changed[:, 100:200, 340:600].any() and changed[:, 0:150, 0:300].any()
+
+    # --largest_face: today's single-face behaviour, one track over the whole video
+    assert predict.main(base + ["--out", str(tmp_path / "one"), "--largest_face"]) == 0
+    one = json.loads((tmp_path / "one" / "two" / "predictions.json").read_text())
+    assert one["num_tracks"] == 1 and one["face_tracking"]["largest_face_only"]
+
+
+def faststart_mp4(path, frames, fps=25):
+    """An mp4 whose index (moov) comes first, as web videos are written: cut short, it still opens."""
+    import av
+
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_truncated_faststart_mp4_is_noted_in_predict_and_conversion(workspace, tmp_path, capsys):
+    from data_pipelines import build
+
+    full = tmp_path / "full.mp4"
+    noise = np.random.default_rng(0).integers(0, 255, (40, 64, 80, 3), dtype=np.uint8)  # bytes spread evenly
+    faststart_mp4(full, noise)
+    data = full.read_bytes()
+    videos = tmp_path / "videos" / "happy"
+    videos.mkdir(parents=True)
+    cut = videos / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with video_io.VideoFile(cut) as video:
+        decoded = sum(1 for _ in video.frames(on_error="stop"))
+        truncation = video.truncation()
+    assert 8 <= decoded < 40 and truncation["declared_frames"] == 40 and truncation["decoded_frames"] == decoded
+    with video_io.VideoFile(full) as video:
+        assert sum(1 for _ in video.frames()) == 40 and video.truncation() is None
+
+    out = tmp_path / "pred"
+    assert predict.main([str(cut), "--checkpoint", str(workspace["root"] / "finetune"), "--out", str(out),
+                         "--batch", BATCH, "--no_face_crop"]) == 0
+    result = json.loads((out / "cut" / "predictions.json").read_text())
+    assert result["num_frames"] == decoded and result["declared_frames"] == 40
+    assert result["truncation"]["decoded_frames"] == decoded and f"of 40 declared" in result["note"]
+    assert "warning:" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["videos"][0]["truncation"]["declared_frames"] == 40
+
+    # dataset conversion: skipped and reported by default, kept with a flag on request
+    root = tmp_path / "videos"
+    video_io.write_video(root / "happy" / "good.mp4", astronaut_video(12, step=1)[:, :64, :64], fps=25)
+    common = ["videos", "--root", str(root), "--labels_from_folders", "--short_side", "32", "--no_progress"]
+    assert build.main(common + ["--out", str(tmp_path / "ds")]) == 0
+    info = json.loads((tmp_path / "ds" / "dataset_info.json").read_text())
+    assert info["num_clips"] == 1
+    (skipped,) = info["skipped"]
+    assert skipped["input"].endswith("cut.mp4") and skipped["reason"].startswith("truncated video")
+    assert f"{decoded} frame(s) decoded of 40 declared" in skipped["reason"]
+    assert build.main(common + ["--out", str(tmp_path / "ds_keep"), "--keep_truncated"]) == 0
+    kept = {r.clip_id: r for r in records.read_records(str(tmp_path / "ds_keep"))}
+    assert kept["happy/cut"].num_frames == decoded and "truncated" not in kept["happy/good"].extra
+    assert kept["happy/cut"].extra["truncated"]["declared_frames"] == 40
+
+
+def test_folder_argument_and_resume(workspace, tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(workspace["videos"] / "moving.mp4", folder / "moving.mp4")
+    shutil.copy(workspace["videos"] / "short.mp4", folder / "sub" / "short.MP4")
+    (folder / "notes.txt").write_text("not a video")
+    out = tmp_path / "out"
+    argv = [str(folder), "--checkpoint", str(workspace["root"] / "finetune"), "--out", str(out), "--batch", BATCH]
+    assert predict.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [os.path.basename(v["video"]) for v in summary["videos"]] == ["moving.mp4", "short.MP4"]
+    assert summary["num_ok"] == 2 and summary["num_reused"] == 0
+    first = (out / "moving" / "predictions.json").stat().st_mtime_ns
+    assert "frames/s" in capsys.readouterr().out  # the summary line
+
+    assert predict.main(argv) == 0  # rerun: both reused, nothing recomputed
+    captured = capsys.readouterr()
+    assert captured.err.count("already done") == 2 and "2 from an earlier run" in captured.out
+    assert (out / "moving" / "predictions.json").stat().st_mtime_ns == first
+    assert json.loads((out / "summary.json").read_text())["num_ok"] == 2
+
+    assert predict.main(argv + ["--overwrite"]) == 0
+    assert (out / "moving" / "predictions.json").stat().st_mtime_ns > first
+    assert "already done" not in capsys.readouterr().err
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch):
+    import io
+
+    from data_pipelines import progress
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    log = io.StringIO()
+    with progress.bar(total=3, desc="frames x.mp4", unit="frame", file=log) as bar:
+        for _ in range(3):
+            bar.update(1)
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0].startswith("frames x.mp4:   0% 0/3") and lines[-1].startswith("frames x.mp4: 100% 3/3")
+    assert all("frame/s" in line for line in lines[1:])
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert not isinstance(progress.bar(total=1, file=Terminal()), progress.PlainLines)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    silent = io.StringIO()
+    with progress.bar(total=2, file=silent) as bar:
+        bar.update(2)
+    assert silent.getvalue() == ""
+
+
+def test_converter_face_crops_long_videos_in_two_streamed_passes(workspace, tmp_path, monkeypatch):
+    """Above STREAMED_FACE_CROP_BYTES of decoded frames, --face_crop tracks and crops with the streaming tracker."""
+    from data_pipelines import build
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    shutil.copy(workspace["videos"] / "moving.mp4", root / "moving.mp4")
+    shutil.copy(workspace["videos"] / "noface.mp4", root / "noface.mp4")
+    monkeypatch.setattr(build, "STREAMED_FACE_CROP_BYTES", 0)  # every video counts as long
+    assert build.main(["videos", "--root", str(root), "--face_crop", "--short_side", "48", "--no_progress",
+                       "--out", str(tmp_path / "ds")]) == 0
+    (rec,) = records.read_records(str(tmp_path / "ds"))
+    assert rec.clip_id == "moving" and rec.extra["face_crop_streamed"] and rec.num_frames == MOVING_FRAMES
+    assert len(rec.extra["face_boxes"]) == MOVING_FRAMES and 0 < rec.extra["face_detected_fraction"] < 1
+    frames = records.decode_frames(rec)
+    assert frames.shape == (MOVING_FRAMES, 48, 48, 3) and frames.std() > 20  # a face crop, not the grey canvas
+    boxes = np.array(rec.extra["face_boxes"])
+    assert np.all(np.diff((boxes[:, 0] + boxes[:, 2]) / 2) > 0)  # the box follows the face sliding right
+    info = json.loads((tmp_path / "ds" / "dataset_info.json").read_text())
+    assert [s["reason"].split(":")[0] for s in info["skipped"]] == ["no face found"]
