@@ -84,13 +84,27 @@ def _replica(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def key_name(path) -> str:
+    """'opt_state/inner_states/0/mu/head/kernel': the same for a live optax state (named tuples, lists) and for
+    the nested dicts orbax restores it as without a target."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
 def describe_tree(tree: Any) -> dict[str, dict[str, Any]]:
-    """{key path: {"shape", "dtype", "fingerprint"}} for every array leaf of ``tree`` (keys as jax.tree_util.keystr).
+    """{key path: {"shape", "dtype", "fingerprint"}} for every array leaf of ``tree`` (keys as :func:`key_name`).
 
     A collective over all processes when the arrays span several: every process must call it with the same tree.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    keys = [jax.tree_util.keystr(path) for path, _ in flat]
+    keys = [key_name(path) for path, _ in flat]
     leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for _, leaf in flat]
     lanes = _replica(_fingerprint_leaves(leaves))
     return {
@@ -103,4 +117,4 @@ def describe_tree(tree: Any) -> dict[str, dict[str, Any]]:
 def abstract_description(tree: Any) -> dict[str, dict[str, Any]]:
     """{key path: {"shape", "dtype"}} of an abstract (ShapeDtypeStruct) or concrete tree; no computation."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): {"shape": list(np.shape(x)), "dtype": str(x.dtype)} for p, x in flat}
+    return {key_name(p): {"shape": list(np.shape(x)), "dtype": str(x.dtype)} for p, x in flat}

@@ -322,12 +322,14 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
             s, m = pending.pop(0)
             m = jax.device_get(m)
             if not bool(m["finite"]):
+                latest = ckpt.latest_step()  # the message says only what was checked (issue 18)
+                kept = (f"The newest checkpoint in {ckpt.directory} is step {latest}, saved when every earlier "
+                        "step's loss was finite (its checksums are verified when it is restored)" if latest is not None
+                        else "No checkpoint was saved before it")
                 raise TrainingDiverged(
                     f"non-finite loss/gradient/update at step {s} (loss {float(m['loss'])}, grad norm "
-                    f"{float(m['grad_norm'])}): the update was skipped and training stopped. "
-                    f"The newest checkpoint in {ckpt.directory} is step {ckpt.latest_step()}, saved when every "
-                    "earlier step's loss was finite (its checksums are verified when it is restored). Lower the "
-                    "learning rate or check the data, then rerun the same command to resume from it."
+                    f"{float(m['grad_norm'])}): the update was skipped and training stopped. {kept}. Lower the "
+                    "learning rate or check the data, then rerun the same command."
                 )
             window_losses.append(float(m["loss"]))
             if "zero_loss" in m:
