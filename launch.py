@@ -54,9 +54,18 @@ def save_config(config, workdir: str) -> None:
 
     text = config.to_json_best_effort(indent=2, sort_keys=True)  # a config that failed to load raises here
     os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):  # a rerun with other settings: the earlier record is kept beside it, not replaced
+        with open(path) as f:
+            previous = f.read()
+        if previous != text:
+            import time
+
+            with open(os.path.join(workdir, time.strftime("config.%Y%m%dT%H%M%S.json", time.gmtime())), "w") as f:
+                f.write(previous)
     with tempfile.NamedTemporaryFile("w", dir=workdir, prefix=".config.json.", delete=False) as f:
         f.write(text)
-    os.replace(f.name, os.path.join(workdir, "config.json"))
+    os.replace(f.name, path)
 
 
 def run_job(config, workdir: str, mode: str, checkpoint: str | None):

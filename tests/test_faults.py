@@ -302,6 +302,30 @@ def test_save_config_is_atomic_and_only_after_the_config_loads(tmp_path):
     assert (tmp_path / "config.json").read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
 
 
+def test_rerun_with_other_settings_keeps_the_earlier_config_record(tmp_path):
+    sys.path.insert(0, REPO)
+    import launch
+    from ml_collections import ConfigDict
+
+    launch.save_config(ConfigDict({"seed": 1}), str(tmp_path))
+    launch.save_config(ConfigDict({"seed": 1}), str(tmp_path))  # same settings (a resume): nothing to keep
+    launch.save_config(ConfigDict({"seed": 2}), str(tmp_path))
+    kept = sorted(n for n in os.listdir(tmp_path) if n != "config.json")
+    assert len(kept) == 1 and kept[0].startswith("config.2") and json.load(open(tmp_path / kept[0])) == {"seed": 1}
+    assert json.load(open(tmp_path / "config.json")) == {"seed": 2}
+
+
+def test_synthetic_generator_refuses_an_existing_dataset(tmp_path):
+    from data_pipelines import synthetic
+
+    d = _plain_dataset(tmp_path / "ds")
+    before = open(os.path.join(d, "dataset_info.json")).read()
+    with pytest.raises(SystemExit, match="already holds a dataset; pass --overwrite"):
+        synthetic.main(["--out", d, "--num_pretrain", "1", "--train_per_class", "0", "--val_per_class", "0",
+                        "--test_per_class", "0", "--frames", "2", "--size", "16"])
+    assert open(os.path.join(d, "dataset_info.json")).read() == before
+
+
 def _tiny_state_dict(tmp_path):
     from facemae_jax import convert
     from facemae_jax.models import get_config
