@@ -48,9 +48,24 @@ def default_workdir(config_path: str) -> str:
 
 
 def save_config(config, workdir: str) -> None:
+    """``workdir/config.json``, replaced atomically and only once the config has loaded: a run's record of its
+    settings is never truncated by a command that fails (e.g. a mistyped --config for an existing workdir)."""
+    import tempfile
+
+    text = config.to_json_best_effort(indent=2, sort_keys=True)  # a config that failed to load raises here
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):  # a rerun with other settings: the earlier record is kept beside it, not replaced
+        with open(path) as f:
+            previous = f.read()
+        if previous != text:
+            import time
+
+            with open(os.path.join(workdir, time.strftime("config.%Y%m%dT%H%M%S.json", time.gmtime())), "w") as f:
+                f.write(previous)
+    with tempfile.NamedTemporaryFile("w", dir=workdir, prefix=".config.json.", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def run_job(config, workdir: str, mode: str, checkpoint: str | None):
@@ -100,6 +115,11 @@ def main(argv) -> int:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
+    try:  # ml_collections defers a failed load of --config (missing file, syntax error) to the first access
+        config.get("stages")
+    except IOError as e:
+        print(f"launch.py: error: {e}", file=sys.stderr)
+        return 2
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
         from absl import logging
 
@@ -110,7 +130,10 @@ def main(argv) -> int:
 
         jax.distributed.initialize()
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    run_job(config, os.path.abspath(workdir), _MODE.value, _CHECKPOINT.value)
+    from facemae_jax import faults
+
+    with faults.one_message("launch.py"):
+        run_job(config, os.path.abspath(workdir), _MODE.value, _CHECKPOINT.value)
     return 0
 
 

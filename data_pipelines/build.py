@@ -806,10 +806,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
     try:
-        build(args, "python -m data_pipelines.build " + shlex.join(argv))
+        info = build(args, "python -m data_pipelines.build " + shlex.join(argv))
     except BuildConfigError as e:
         print(f"data_pipelines.build: error: {e}", file=sys.stderr)
         return 2
+    empty = sorted(name for name, ids in info["splits"].items() if not ids)
+    if not info["num_clips"]:  # every input was skipped: an empty dataset is a failed conversion
+        print(f"data_pipelines.build: error: no clip was converted (all {len(info['skipped'])} input(s) skipped, "
+              f"reasons above and in {os.path.join(args.out, INFO_FILE)} [\"skipped\"])", file=sys.stderr)
+        return 1
+    if empty:
+        print(f"data_pipelines.build: warning: split(s) {empty} hold no clip", file=sys.stderr)
     return 0
 
 

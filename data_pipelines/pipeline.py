@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from data_pipelines import records, transforms
+from data_pipelines import integrity, records, transforms
 from facemae_jax import masking
 
 DATASET_FORMAT = "facemae_dataset"
@@ -71,6 +71,7 @@ class DatasetSplit:
     shard_starts: np.ndarray  # int64 [num_shards + 1]: first global index of each shard, then the total
     num_classes: int | None  # classification
     num_targets: int | None  # regression
+    contract: integrity.SplitContract | None = None  # what each record must say about its split (None: unchecked)
 
     @classmethod
     def open(cls, directory: str, split: str) -> "DatasetSplit":
@@ -95,7 +96,7 @@ class DatasetSplit:
             raise FileNotFoundError(
                 f"{where} lists shards that do not exist: {missing[:3]}{' ...' if len(missing) > 3 else ''}"
             )
-        sizes = [len(grain.sources.ArrayRecordDataSource([p])) for p in paths]
+        sizes = integrity.shard_sizes(paths, directory, info)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if int(starts[-1]) != int(info["num_clips"]):
             raise ValueError(f"{where}: num_clips is {info['num_clips']} but the shards hold {int(starts[-1])} records")
@@ -111,7 +112,8 @@ class DatasetSplit:
             raise ValueError(
                 f"{where}: split {split!r} has record indices outside [0, {int(starts[-1])}): {bad[:5].tolist()}"
             )
-        return cls(
+        integrity.check_no_train_test_overlap(split, info["splits"], where)
+        opened = cls(
             directory=directory,
             split=split,
             task=task,
@@ -120,7 +122,10 @@ class DatasetSplit:
             shard_starts=starts,
             num_classes=len(info["class_names"]) if task == "classification" else None,
             num_targets=len(info["target_names"]) if task == "regression" else None,
+            contract=integrity.SplitContract.for_split(split, info["splits"], integrity.rebuild_hint(directory, info)),
         )
+        ClipSource(opened).check_sample()  # a split that disagrees with its records fails now, before any step
+        return opened
 
     def __len__(self) -> int:
         return len(self.record_indices)
@@ -169,9 +174,17 @@ class ClipSource:
         except Exception as e:  # array_record raises several types for damaged chunks
             raise records.RecordError(f"{where}: cannot read the record ({type(e).__name__}: {e})") from e
         record = records.decode_clip(data, where=where)
+        if self.split.contract is not None:
+            self.split.contract.check(record, int(self.split.record_indices[position]), where)
         if record.num_frames == 0:
             raise records.RecordError(f"{where}: clip {record.clip_id!r} has no frames")
         return ClipItem(position=position, record=record, where=where)
+
+    def check_sample(self) -> None:
+        """Read (and so check) a sample of the split's records: its first in every shard, plus evenly spread."""
+        for position in integrity.sample_positions(self.split.record_indices, self.split.shard_starts):
+            self[int(position)]
+        self._source = None  # readers reopen lazily in each process
 
 
 def _decode(item: ClipItem, indices: np.ndarray) -> np.ndarray:

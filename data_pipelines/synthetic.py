@@ -1320,7 +1320,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scenario", default="wild", choices=sorted(SCENARIOS),
                    help="recording conditions: wild (DFEW-like nuisance) or posed (lab: still, silent, plain)")
     p.add_argument("--contact_sheet", default=None, help="PNG path (default OUT/contact_sheet.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out (default: refuse)")
     a = p.parse_args(argv)
+    if os.path.exists(os.path.join(a.out, "dataset_info.json")) and not a.overwrite:
+        raise SystemExit(f"python -m data_pipelines.synthetic: error: --out {a.out!r} already holds a dataset; pass "
+                         "--overwrite to replace it, or choose another --out")
     command = "python -m data_pipelines.synthetic " + " ".join(shlex.quote(x) for x in argv)
     info = build_dataset(a.out, seed=a.seed, num_pretrain=a.num_pretrain, train_per_class=a.train_per_class,
                          val_per_class=a.val_per_class, test_per_class=a.test_per_class, frames=a.frames,

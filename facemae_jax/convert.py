@@ -13,6 +13,9 @@
 CLI::
 
     python -m facemae_jax.convert --checkpoint X.pth --model NAME --out DIR [--num_classes K] [--class_names a,b]
+        [--overwrite]
+
+An existing, non-empty ``--out`` (e.g. a trained export and its class names) is refused unless ``--overwrite``.
 
 Layout rules: Linear ``(out, in)`` <-> Dense ``(in, out)``; Conv3d ``(out, in, t, h, w)`` <-> ``(t, h, w, in, out)``;
 Conv1d ``(out, in, k)`` <-> ``(k, in, out)``; LayerNorm weight <-> scale; everything else is copied.
@@ -221,8 +224,10 @@ def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, me
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(out_dir, "params"), params, force=True)
     ckptr.wait_until_finished()
-    with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
+    tmp = os.path.join(out_dir, MODEL_JSON + ".tmp")
+    with open(tmp, "w") as f:
         json.dump({"config": cfg.to_dict(), **(meta or {})}, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, MODEL_JSON))  # never a half-written model.json
 
 
 def load_converted(path: str) -> tuple[dict, ModelConfig, dict]:
@@ -240,6 +245,16 @@ def load_converted(path: str) -> tuple[dict, ModelConfig, dict]:
     return params, cfg, meta
 
 
+def existing_output(path: str) -> str | None:
+    """Why writing to ``path`` would replace earlier results (None: it is new or an empty directory)."""
+    if os.path.isfile(path):
+        return f"--out {path!r} is an existing file"
+    if os.path.isdir(path) and os.listdir(path):
+        what = "a converted model" if os.path.exists(os.path.join(path, MODEL_JSON)) else "files"
+        return f"--out {path!r} already holds {what} ({', '.join(sorted(os.listdir(path))[:4])})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from facemae_jax import torch_io
     from facemae_jax.models import registry
@@ -251,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_classes", type=int, default=None)
     ap.add_argument("--class_names", default=None, help="comma-separated class names stored as metadata")
     ap.add_argument("--override", action="append", default=[], help="ModelConfig override key=value (JSON value)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     args = ap.parse_args(argv)
+    refusal = existing_output(args.out) if not args.overwrite else None
+    if refusal:
+        print(f"facemae_jax.convert: error: {refusal}; pass --overwrite to replace it, or choose another --out",
+              file=sys.stderr)
+        return 2
 
     overrides = parse_overrides(args.override)
     if args.num_classes is not None:

@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("inputs", nargs="+", metavar="VIDEO_OR_SHARDS",
                     help="video files, or one shard directory / .array_record file / glob")
     ap.add_argument("--out", required=True, help="output .npz file")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     ap.add_argument("--tokens", action="store_true", help="also store the per-token features (large)")
     ap.add_argument("--batch", type=int, default=8, help="clips per forward pass")
     ap.add_argument("--stride_frames", type=int, default=None, help="videos: frames between window starts")
@@ -220,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out.endswith(".npz"):
         raise SystemExit(f"--out must name a .npz file, got {args.out!r}")
+    if os.path.exists(args.out) and not args.overwrite:  # refuse before the (long) extraction, not after
+        raise SystemExit(f"--out {args.out!r} already exists; pass --overwrite to replace it, or choose another --out")
     shard_inputs = [p for p in args.inputs if is_shard_input(p)]
     if shard_inputs and len(args.inputs) > 1:
         raise SystemExit(f"give either video files or one shard directory, not both / several: {args.inputs}")

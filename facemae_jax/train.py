@@ -78,8 +78,9 @@ def ensure_dataset(config) -> str:
 
 
 def dataset_info(data_dir: str) -> dict:
-    with open(os.path.join(data_dir, "dataset_info.json")) as f:
-        return json.load(f)
+    from data_pipelines import records  # a damaged file gets a message naming it, not a bare JSONDecodeError
+
+    return records.load_dataset_info(data_dir)
 
 
 def loader_options(config) -> pipelines.LoaderOptions:
@@ -263,6 +264,8 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     spe = train_pipe.steps_per_epoch
     if not spe:
         raise ValueError(f"split {config.data.train_split!r} has fewer clips than one global batch")
+    if config.get("final_eval", True) or config.get("eval_every_steps", 0):  # empty/missing: fail now, not at the end
+        pipelines.DatasetSplit.open(data_dir, config.data.get("eval_split") or config.data.train_split)
     abstract = registry.abstract_params(model)
     tx, opt_report, lr_table, total_steps = schedule_and_optimizer(config, cfg, abstract, spe, config.batch_size)
     stop_at = int(config.optim.get("stop_after_steps") or 0) or (
@@ -278,7 +281,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     if resume_step is not None:
         state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
         target = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
-        state, data_state, _ = ckpt.restore(target, resume_step)
+        state, data_state, resume_step = ckpt.restore(target, resume_step)  # verified; may fall back to an older one
         it.set_state(data_state)
         print(f"[resume] restored step {resume_step} from {ckpt.directory}", flush=True)
     start = int(jax.device_get(state["step"]))
@@ -320,11 +323,14 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
             s, m = pending.pop(0)
             m = jax.device_get(m)
             if not bool(m["finite"]):
+                latest = ckpt.latest_step()  # the message says only what was checked (issue 18)
+                kept = (f"The newest checkpoint in {ckpt.directory} is step {latest}, saved when every earlier "
+                        "step's loss was finite (its checksums are verified when it is restored)" if latest is not None
+                        else "No checkpoint was saved before it")
                 raise TrainingDiverged(
                     f"non-finite loss/gradient/update at step {s} (loss {float(m['loss'])}, grad norm "
-                    f"{float(m['grad_norm'])}): the update was skipped and training stopped. "
-                    f"The last checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is intact; lower the "
-                    "learning rate or check the data, then rerun the same command to resume from it."
+                    f"{float(m['grad_norm'])}): the update was skipped and training stopped. {kept}. Lower the "
+                    "learning rate or check the data, then rerun the same command."
                 )
             window_losses.append(float(m["loss"]))
             if "zero_loss" in m:

@@ -78,7 +78,7 @@ def write_dataset(directory, frame_counts=FRAME_COUNTS, task="classification", n
         "frame_size": {"height": 36, "width": 44},
         "task": task,
         "splits": {
-            "train": list(range(0, n, 2)) + list(range(1, n, 2)),
+            "train": [c for c in list(range(0, n, 2)) + list(range(1, n, 2)) if c not in (1, 4, 7, 8, 2)],
             "test": [1, 4, 7, 8, 2],
             "pretrain": list(range(n)),
         },
@@ -353,9 +353,8 @@ def test_eval_single_view_protocol(dataset):
 def test_corrupt_record_raises_naming_shard_and_record(tmp_path):
     directory = str(tmp_path / "bad")
     write_dataset(directory, corrupt={6: "bytes"})  # clip 6 = shard 1 (clips 5..9), record 1
-    it = iter(pretrain(directory, batch_size=10))
     with pytest.raises(records.RecordError, match=r"clips-00001-of-00002\.array_record record 1 \(global record 6"):
-        next(it)
+        next(iter(pretrain(directory, batch_size=10)))  # (found when the split opens: its sample holds this record)
 
 
 def test_corrupt_jpeg_raises_naming_the_record(tmp_path):
