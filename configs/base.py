@@ -40,6 +40,7 @@ def base_config() -> ConfigDict:
         # input-pipeline throughput (README "Input pipeline")
         "rand_augment_on": "host",  # host (PIL, faithful) | device (JAX in the train step, with the crop and flip)
         "worker_buffer_size": -1,  # batches buffered per worker process; -1 = chosen (2 with workers)
+        "jpeg_dct_downscale": True,  # frames stored >= 2x the model size: reduced-scale JPEG decode (~1 level off)
     })
     c.optim = ConfigDict({
         "base_lr": 1e-3,  # per 256 samples

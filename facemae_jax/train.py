@@ -128,7 +128,8 @@ def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int) -> pipel
         sampling_rate=d.sampling_rate, image_size=cfg.img_size, rand_augment=d.get("rand_augment") or None,
         crop_scale=tuple(d.crop_scale) if d.get("crop_scale") else None,
         flip_probability=d.get("flip_probability", 0.5), erase_probability=d.get("erase_probability", 0.25),
-        rand_augment_on=d.get("rand_augment_on", "host"), options=opts,
+        rand_augment_on=d.get("rand_augment_on", "host"), dct_downscale=d.get("jpeg_dct_downscale", True),
+        options=opts,
     )
 
 
@@ -137,7 +138,8 @@ def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str, mesh) -> 
     return pipelines.eval_pipeline(
         data_dir, split=split, batch_size=local_batch_size(config.eval.batch_size, mesh), num_frames=cfg.num_frames,
         sampling_rate=d.sampling_rate, image_size=cfg.img_size, num_segments=config.eval.num_segments,
-        num_crops=config.eval.num_crops, options=loader_options(config),
+        num_crops=config.eval.num_crops, dct_downscale=d.get("jpeg_dct_downscale", True),
+        options=loader_options(config),
     )
 
 
