@@ -53,5 +53,6 @@ class InputWaitMeter:
                 f"(> {100 * self.warn_above:.0f}%): the input pipeline is the bottleneck. {hint}".rstrip())
 
 
-HINT = ("More worker processes (data.worker_count, -1 = all spare cores), data.rand_augment_on='device' for "
-        "fine-tuning, or frames stored at the model's input size help; README 'Input pipeline' has the per-core costs.")
+HINT = ("What helps: more worker processes (data.worker_count; -1 = every spare core), RandAugment on device "
+        "(data.rand_augment_on='device') when fine-tuning, frames stored at the model's input size; README 'Input "
+        "pipeline throughput' lists the per-core costs.")

@@ -114,3 +114,26 @@ def test_benchmark_quick_mode_writes_the_report(tmp_path):
     device = report["device_augment"]
     assert device["ms_per_batch"] > 0 and 0 < device["fraction_of_train_step"]
     assert [row["job"] for row in report["demand_supply"]][:2] == ["LGI finetune", "MAE-DFER pretrain"]
+
+
+@pytest.mark.slow  # three launches of the tiny trainer (~1 min each on an idle 2-core machine)
+def test_device_augmented_training_resumes_bit_identically(tmp_path):
+    """data.rand_augment_on='device': stopping at step 2 and rerunning gives the uninterrupted run's weights."""
+    from test_train import SMALL_LGI, _config_file, _export_params, _launch
+
+    from data_pipelines import synthetic
+
+    data = tmp_path / "faces"
+    synthetic.build_dataset(str(data), seed=0, num_pretrain=8, train_per_class=2, val_per_class=1, test_per_class=1,
+                            frames=10, size=32, workers=1, clips_per_shard=16)  # fmt: skip
+    assert SMALL_LGI["img_size"] == 32
+    config = _config_file(tmp_path, str(data))
+    common = ["--config.final_eval=False", "--config.data.rand_augment_on=device", "--config.optim.total_steps=4"]
+    ref = _launch(config, str(tmp_path / "ref"), *common)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    first = _launch(config, str(tmp_path / "split"), *common, "--config.optim.stop_after_steps=2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = _launch(config, str(tmp_path / "split"), *common)
+    assert second.returncode == 0 and "[resume] restored step 2" in second.stdout + second.stderr
+    a, b = _export_params(str(tmp_path / "ref")), _export_params(str(tmp_path / "split"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -33,8 +33,8 @@ PUBLISHED = "rand-m7-n4-mstd0.5-inc1"
 EXACT = {"Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd", "Equalize",
          "Brightness", "BrightnessIncreasing"}  # fmt: skip
 BLEND = {"Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Sharpness", "SharpnessIncreasing"}
-BOUND = {**{name: 0.001 for name in BLEND}, "AutoContrast": 0.01, "Rotate": 0.01, "ShearX": 0.01, "ShearY": 0.01, "TranslateXRel": 0.02,
-         "TranslateYRel": 0.02}  # fmt: skip
+BOUND = {**{name: 0.001 for name in BLEND}, "AutoContrast": 0.01, "Rotate": 0.01, "ShearX": 0.01, "ShearY": 0.01,
+         "TranslateXRel": 0.02, "TranslateYRel": 0.02}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
