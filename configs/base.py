@@ -23,9 +23,9 @@ def base_config() -> ConfigDict:
         "train_split": "train",
         "eval_split": "test",
         "sampling_rate": 4,
-        "worker_count": 0,
+        "worker_count": -1,  # grain worker processes; -1 = chosen from the machine (data_pipelines/worker_autotune.py)
         "read_threads": 1,
-        "prefetch_batches": 2,
+        "prefetch_batches": -1,  # batches buffered by the training process; -1 = chosen (2)
         # fine-tune augmentation (FINETUNING §3)
         "rand_augment": "rand-m7-n4-mstd0.5-inc1",
         "crop_scale": (0.08, 1.0),  # Q23: the reference uses 0.08 although 0.8 was intended
@@ -35,8 +35,12 @@ def base_config() -> ConfigDict:
         "num_samples": 1,
         "fixed_crop_size": config_dict.placeholder(int),
         "multiscale_scales": (1.0, 0.875, 0.75, 0.66),
-        "multiscale_resize": "pil",
+        "multiscale_resize": "fast",  # fast (OpenCV uint8, ~0.2 grey levels from PIL) | cv2 | pil (faithful)
         "synthetic": config_dict.placeholder(ConfigDict),  # build the synthetic dataset here if missing
+        # input-pipeline throughput (README "Input pipeline")
+        "rand_augment_on": "host",  # host (PIL, faithful) | device (JAX in the train step, with the crop and flip)
+        "worker_buffer_size": -1,  # batches buffered per worker process; -1 = chosen (2 with workers)
+        "jpeg_dct_downscale": True,  # frames stored >= 2x the model size: reduced-scale JPEG decode (~1 level off)
     })
     c.optim = ConfigDict({
         "base_lr": 1e-3,  # per 256 samples

@@ -21,7 +21,7 @@ def finetune_config(encoder: str, *, data_dir: str, builder: str, num_classes: i
     c.data.dir = data_dir
     c.data.builder = builder
     c.data.sampling_rate = sampling_rate
-    c.data.worker_count = 12
+    # data.worker_count: -1 (base default) = every spare core of this process (data_pipelines/worker_autotune.py)
     c.kfold = kfold
     if kfold:
         c.data.train_split, c.data.eval_split = "fold1/train", "fold1/test"

@@ -18,7 +18,7 @@ def get_config():
     c.data.dir = "data/vox2"
     c.data.builder = "voxceleb2 --root VOX2/dev/mp4"
     c.data.sampling_rate = 4
-    c.data.worker_count = 15
+    # data.worker_count: -1 (base default) = every spare core of this process (data_pipelines/worker_autotune.py)
     c.batch_size = 160
     c.optim.epochs = 100
     c.optim.warmup_epochs = 5

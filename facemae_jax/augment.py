@@ -81,3 +81,20 @@ def mixup_cutmix(
     x_out = jnp.where(apply, jnp.where(use_cutmix, x_cut, x_mix), x)
     t_out = lam * targets + (1.0 - lam) * targets[::-1]
     return x_out, t_out, {"mix_lambda": lam, "cutmix": use_cutmix & apply}
+
+
+def device_video_augment(
+    video: jax.Array, crop_box: jax.Array, flip: jax.Array, key: jax.Array, rand_augment, size: int
+) -> jax.Array:
+    """FINETUNING §3 steps 4, 6, 7 on device (``data.rand_augment_on = 'device'``), in the reference's order.
+
+    ``video: uint8 [B, T, H, W, 3]`` as resized on the host (step 3), ``crop_box: int32 [B, 4]`` and ``flip: bool
+    [B]`` sampled on the host -> float32 pixels [B, T, size, size, 3] in 0..255: RandAugment
+    (:class:`facemae_jax.randaugment.DeviceRandAugment`, or None to skip it) with randomness from ``key``, then
+    the random resized crop and the flip. Normalise, erase and mix afterwards as for host-augmented clips.
+    """
+    from facemae_jax import randaugment
+
+    if rand_augment is not None:
+        video = rand_augment(video, key)
+    return randaugment.resized_crop_flip(video, crop_box, flip, size)

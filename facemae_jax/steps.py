@@ -77,14 +77,21 @@ def classification_loss(logits: jax.Array, soft_targets: jax.Array) -> jax.Array
 
 def make_finetune_step(model, cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, *,
                        task: str = "classification", label_smoothing: float = 0.1, mixup: dict | None = None,
-                       regression_loss: str = "mse") -> Callable:
-    """batch: {"video": uint8, "label": int32 [B] | float32 [B,K], "erase_box": int32 [B,4]} -> (state, metrics)."""
+                       regression_loss: str = "mse", rand_augment=None) -> Callable:
+    """batch: {"video": uint8, "label": int32 [B] | float32 [B,K], "erase_box": int32 [B,4]} -> (state, metrics).
+
+    A batch with "crop_box" / "flip" (``data.rand_augment_on='device'``) is augmented here first: ``rand_augment``
+    (a ``randaugment.DeviceRandAugment`` or None), random resized crop, flip (``augment.device_video_augment``)."""
     dtype = jnp.dtype(cfg.dtype)
 
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         k_erase, k_mix, k_drop = jax.random.split(rng, 3)
-        x = targets.normalize_video(batch["video"])
+        video = batch["video"]
+        if "crop_box" in batch:  # its own key, so host-augmented runs keep their exact random streams
+            video = augment.device_video_augment(video, batch["crop_box"], batch["flip"], jax.random.fold_in(rng, 3),
+                                                 rand_augment, cfg.img_size)
+        x = targets.normalize_video(video)
         if "erase_box" in batch:
             x = augment.random_erase(x, batch["erase_box"], k_erase)
         extra = {}

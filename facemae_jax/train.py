@@ -32,7 +32,8 @@ from flax import linen as nn
 
 from data_pipelines import pipeline as pipelines
 from facemae_jax import checkpoint as ckpt_lib
-from facemae_jax import compilation_cache, convert, evaluate, optim, sharding, steps
+from data_pipelines import worker_autotune
+from facemae_jax import compilation_cache, convert, evaluate, input_timing, optim, randaugment, sharding, steps
 from facemae_jax.models import registry
 from facemae_jax.models.config import ModelConfig
 
@@ -83,13 +84,19 @@ def dataset_info(data_dir: str) -> dict:
     return records.load_dataset_info(data_dir)
 
 
-def loader_options(config) -> pipelines.LoaderOptions:
+def loader_options(config, batch_bytes: int | None = None, log: bool = False) -> pipelines.LoaderOptions:
+    d = config.data
+    choice = worker_autotune.choose(d.get("worker_count", -1), d.get("prefetch_batches", -1),
+                                    d.get("worker_buffer_size", -1), batch_bytes=batch_bytes)
+    if log and jax.process_index() == 0:
+        print(choice.describe(), flush=True)
     return pipelines.LoaderOptions(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-        worker_count=config.data.get("worker_count", 0),
+        worker_count=choice.worker_count,
         read_threads=config.data.get("read_threads", 1),
-        prefetch_batches=config.data.get("prefetch_batches", 2),
+        prefetch_batches=choice.prefetch_batches,
+        worker_buffer_size=choice.worker_buffer_size,
     )
 
 
@@ -105,7 +112,8 @@ def local_batch_size(global_batch: int, mesh) -> int:
 
 def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int) -> pipelines.Pipeline:
     d = config.data
-    opts = loader_options(config)
+    opts = loader_options(config, batch_bytes=batch * d.get("num_samples", 1) * cfg.num_frames * cfg.img_size**2 * 3,
+                          log=True)
     if config.task == "pretrain":
         return pipelines.pretrain_pipeline(
             data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
@@ -114,13 +122,14 @@ def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int) -> pipel
             mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
             num_samples=d.get("num_samples", 1), fixed_crop_size=d.get("fixed_crop_size"),
             multiscale_scales=tuple(d.get("multiscale_scales", (1.0, 0.875, 0.75, 0.66))) or None,
-            multiscale_resize=d.get("multiscale_resize", "pil"), options=opts,
+            multiscale_resize=d.get("multiscale_resize", "fast"), options=opts,
         )
     return pipelines.finetune_train_pipeline(
         data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
         sampling_rate=d.sampling_rate, image_size=cfg.img_size, rand_augment=d.get("rand_augment") or None,
         crop_scale=tuple(d.crop_scale) if d.get("crop_scale") else None,
         flip_probability=d.get("flip_probability", 0.5), erase_probability=d.get("erase_probability", 0.25),
+        rand_augment_on=d.get("rand_augment_on", "host"), dct_downscale=d.get("jpeg_dct_downscale", True),
         options=opts,
     )
 
@@ -130,7 +139,8 @@ def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str, mesh) -> 
     return pipelines.eval_pipeline(
         data_dir, split=split, batch_size=local_batch_size(config.eval.batch_size, mesh), num_frames=cfg.num_frames,
         sampling_rate=d.sampling_rate, image_size=cfg.img_size, num_segments=config.eval.num_segments,
-        num_crops=config.eval.num_crops, options=loader_options(config),
+        num_crops=config.eval.num_crops, dct_downscale=d.get("jpeg_dct_downscale", True),
+        options=loader_options(config),
     )
 
 
@@ -241,8 +251,10 @@ def _finetune_kwargs(config) -> dict[str, Any]:
     if f.get("mixup_alpha", 0) > 0 or f.get("cutmix_alpha", 0) > 0:
         mix = dict(mixup_alpha=f.mixup_alpha, cutmix_alpha=f.cutmix_alpha, prob=f.mixup_prob,
                    switch_prob=f.switch_prob)
+    on_device = config.data.get("rand_augment_on", "host") == "device" and config.data.get("rand_augment")
     return dict(task=config.data.get("task", "classification"), label_smoothing=f.label_smoothing, mixup=mix,
-                regression_loss=f.get("regression_loss", "mse"))
+                regression_loss=f.get("regression_loss", "mse"),
+                rand_augment=randaugment.DeviceRandAugment.from_string(config.data.rand_augment) if on_device else None)
 
 
 def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None) -> dict[str, Any]:
@@ -313,6 +325,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     window_losses: list[float] = []
     window_zero: list[float] = []  # pre-training: the zero-prediction baseline of the same batches
     t_window, clips_window = time.time(), 0
+    input_wait = input_timing.InputWaitMeter()
     result: dict[str, Any] = {}
 
     def drain(upto_all: bool) -> None:
@@ -340,7 +353,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     last_metrics: dict[str, float] = {}
     try:
         for step in range(start, stop_at):
-            batch_np = next(it)
+            batch_np = input_wait.next(it)
             state, m = train_step(state, sharding.put_batch(batch_np, mesh))
             pending.append((step, m))
             clips_window += config.batch_size
@@ -356,11 +369,16 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
                     "train/lr": float(lr_table[min(step, len(lr_table) - 1)]),
                     "perf/clips_per_s": clips_window / max(dt, 1e-9),
                     "perf/step_time_s": dt / max(len(window_losses), 1),
+                    "perf/input_wait_fraction": input_wait.window(),
                 }
                 if window_zero:  # < 1: the model predicts masked content better than the trivial all-zero guess
                     vals["train/loss_vs_zero"] = float(np.sum(window_losses) / np.sum(window_zero))
                 logger.scalars(done, vals)
-                bar.set_postfix(loss=f"{vals['train/loss']:.4f}", lr=f"{vals['train/lr']:.2e}")
+                bar.set_postfix(loss=f"{vals['train/loss']:.4f}", lr=f"{vals['train/lr']:.2e}",
+                                input_wait=f"{vals['perf/input_wait_fraction']:.0%}")
+                warning = input_wait.warning(vals["perf/input_wait_fraction"], done, input_timing.HINT)
+                if warning and is_main:
+                    bar.write(warning)  # printed also when the bar itself is disabled
                 window_losses.clear()
                 window_zero.clear()
                 t_window, clips_window = time.time(), 0

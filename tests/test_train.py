@@ -251,6 +251,8 @@ def test_final_eval_outputs_and_eval_mode(tmp_path, tiny_data):
     assert res["num_clips"] == 14 and 0 <= res["uar"] <= 1
     assert (work / "eval" / "final_confusion.png").exists() and (work / "config.json").exists()
     assert (work / "tb").is_dir() and (work / "metrics.jsonl").exists()
+    logged = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert all(0 <= row["perf/input_wait_fraction"] <= 1 for row in logged if "train/loss" in row)
     from facemae_jax import inference  # the export is what predict / extract load
 
     loaded = inference.load_model(str(work))

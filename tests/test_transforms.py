@@ -343,3 +343,45 @@ def test_rand_augment_geometric_fill_and_identical_frames():
     for seed in range(30):
         out = ra(same, rng(seed))
         assert all(np.array_equal(out[0], f) for f in out[1:])
+
+
+# --- fast resize and DCT-domain decode (input-pipeline throughput) --------------------------------------------------
+
+
+def _face_clip(frames=4, size=160, seed=0):
+    from data_pipelines import synthetic
+
+    return synthetic.generate_clip(np.random.default_rng(seed), seed % 7, frames=frames, size=size)[0]
+
+
+def test_fast_resize_is_within_one_grey_level_of_pil_on_average():
+    clip = _face_clip()
+    crop = T.GroupMultiScaleCrop(160)
+    r = rng(3)
+    worst = 0.0
+    for _ in range(6):  # the multi-scale crop's enlargements (the pre-training case)
+        box = crop.sample_box(r, 160, 160)
+        part = T.crop_frames(clip, box)
+        diff = np.abs(T.resize_frames_fast(part, 160, 160).astype(int) - T.resize_frames_pil(part, 160, 160))
+        worst = max(worst, diff.mean())
+    assert worst < 0.5  # measured ~0.2
+    shrunk = np.abs(T.resize_frames_fast(clip, 112, 96).astype(int) - T.resize_frames_pil(clip, 112, 96))
+    assert shrunk.mean() < 1.0  # shrinking: INTER_AREA vs PIL's widened bilinear support
+    assert T.resize_frames_fast(clip, 160, 160) is clip
+    out = T.GroupMultiScaleCrop(160, resize="fast")(clip, rng(0))
+    assert out.shape == (4, 160, 160, 3) and out.dtype == np.uint8
+    with pytest.raises(ValueError, match="resize must be one of"):
+        T.GroupMultiScaleCrop(160, resize="area")
+
+
+def test_dct_scaled_decode_only_when_frames_are_twice_the_needed_size():
+    from data_pipelines import records
+
+    big = _face_clip(frames=3, size=320)
+    rec = records.make_record("big", big)
+    full = records.decode_frames(rec, [0, 2, 2])
+    scaled = records.decode_frames(rec, [0, 2, 2], min_size=160)
+    assert full.shape == (3, 320, 320, 3) and scaled.shape == (3, 160, 160, 3)
+    reference = T.resize_frames_pil(full, 160, 160)  # what the pipeline did before: full decode, PIL resize
+    assert np.abs(scaled.astype(int) - reference).mean() < 2.0
+    assert records.decode_frames(rec, [1], min_size=200).shape == (1, 320, 320, 3)  # 320 < 2 x 200: full size
