@@ -73,6 +73,8 @@ def base_config() -> ConfigDict:
     c.eval_every_steps = 0
     c.final_eval = True
     c.kfold = 0  # > 0: run folds 1..k (splits fold{k}/train, fold{k}/test), one workdir each, and a mean table
+    # multi-process audit (tests/test_multiprocess.py): each process logs the split positions of its training clips
+    c.log_clip_positions = False
     return c
 
 
