@@ -38,16 +38,18 @@ KILL_BOUND_S = HEARTBEAT_S + 15  # heartbeat timeout + detection polling + a loa
 STEPS = 12
 PRETRAIN = [f"--config.optim.total_steps={STEPS}", "--config.checkpoint.every_steps=3", "--config.final_eval=False"]
 FT_STEPS = 6
-FINETUNE = [f"--config.optim.total_steps={FT_STEPS}", "--config.checkpoint.every_steps=100"]
+# one block and 2 views per clip for the default-suite test (42 views: the last global eval batch is still padded)
+FINETUNE = [f"--config.optim.total_steps={FT_STEPS}", "--config.checkpoint.every_steps=100",
+            "--config.model.overrides.depth=1", "--config.eval.num_segments=1"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    # the compilation cache lets the later runs of a config skip most of the XLA compile (2 processes compile
-    # the same program on the same 2 cores)
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TQDM_DISABLE="1",
-                JAX_COMPILATION_CACHE_DIR=str(cache))
+def env():
+    # no persistent compilation cache: with jax 0.10.2 a multi-process CPU executable loaded from it sets up its
+    # gloo collectives with the wrong peers (seen here: "connected to 1 peer ranks" instead of 7) and hangs
+    e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return e
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,18 @@ def assert_losses_close(a: dict, b: dict, steps):
         assert abs(a[s] - b[s]) <= LOSS_RTOL * abs(b[s]), (s, a[s], b[s])
 
 
+def assert_runs_match(two, one, steps):
+    """metrics.jsonl of a 2-process and a 1-process run: one row per step (process 0 writes alone), the
+    process count, and equal losses."""
+    a, b = losses(two), losses(one)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert_losses_close(a, b, range(1, steps + 1))
+    for workdir, procs in ((two, 2), (one, 1)):
+        rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+        rows = [r for r in rows if "loss" in r]
+        assert len(rows) == steps and all(r["num_processes"] == procs for r in rows)
+
+
 def checkpoints(workdir) -> list[int]:
     return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
@@ -186,14 +200,7 @@ def test_two_processes_pretrain_like_one(pretrain_runs):
     out = pretrain_runs["out_two"]
     assert "2 process(es)" in out and "mesh: {'data': 8, 'fsdp': 1} over 8 cpu devices" in out
     two, one = pretrain_runs["two"], pretrain_runs["one"]
-    a, b = losses(two), losses(one)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    assert_losses_close(a, b, range(1, STEPS + 1))
-    rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
-    assert sum("loss" in r for r in rows) == STEPS  # one writer (process 0): no step logged twice
-    assert all(r["num_processes"] == 2 for r in rows if "loss" in r)
-    one_rows = [json.loads(line) for line in open(os.path.join(one, "metrics.jsonl"))]
-    assert all(r["num_processes"] == 1 for r in one_rows if "loss" in r)
+    assert_runs_match(two, one, STEPS)
     # both processes' rows, in process order, are the 1-process batches
     p0, p1, ref = positions(two, 0), positions(two, 1), positions(one, 0)
     for s in range(STEPS):
@@ -265,7 +272,7 @@ def test_sigterm_then_kill_then_resume_is_bit_identical(pretrain_runs, env, data
 def test_two_processes_finetune_and_eval_like_one(env, data_dir, tmp_path):
     """One 2-process run (which builds the dataset) against one 1-process run: finetune losses, every clip once
     per epoch across processes, only process 0 writing, and the multi-view test's per-clip predictions and
-    UAR/WAR (21 test clips x 4 views: the last global eval batch is padded)."""
+    UAR/WAR (21 test clips x 2 views in global batches of 8: the last one is padded)."""
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     built = os.path.exists(data_dir)
     out = Cluster(env, "finetune", two, data_dir).run()
@@ -273,12 +280,7 @@ def test_two_processes_finetune_and_eval_like_one(env, data_dir, tmp_path):
         assert re.search(r"^\[p0\] \[data\] .* not found: generating", out, re.M), out
         assert not re.search(r"^\[p1\] \[data\]", out, re.M)
     single(env, "finetune", one, data_dir)
-    a, b = losses(two), losses(one)
-    assert sorted(a) == sorted(b) == list(range(1, FT_STEPS + 1))
-    assert_losses_close(a, b, range(1, FT_STEPS + 1))
-    rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
-    assert sum("loss" in r for r in rows) == FT_STEPS  # one writer (process 0): no step logged twice
-    assert all(r["num_processes"] == 2 for r in rows if "loss" in r)
+    assert_runs_match(two, one, FT_STEPS)
     assert os.path.exists(os.path.join(two, "eval", "final_confusion.png"))
 
     info = json.load(open(os.path.join(data_dir, "dataset_info.json")))
