@@ -10,8 +10,11 @@ the same command resumes from the last checkpoint in the workdir. A config with 
 synthetic study) runs its sub-jobs in order, each in ``workdir/<stage>``; ``init_from: '@<stage>'`` refers to an
 earlier stage's workdir. ``kfold: k`` runs folds 1..k and writes the per-fold and mean UAR/WAR table.
 
-Multi-host (TPU pods, multi-node GPU): run the same command on every host; ``--distributed`` (default: auto,
-i.e. when the environment describes several processes) calls ``jax.distributed.initialize()`` first.
+Multi-host (TPU pods, multi-node GPU): run the same command on every host. ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) join the
+processes; without them ``--distributed=auto`` lets JAX detect TPU pods, SLURM and Open MPI. On one machine,
+``python -m facemae_jax.local_cluster --processes 2 -- launch.py ...`` starts the processes (README "Rehearse a
+pod on one machine"). SIGTERM saves a checkpoint at the next step and exits 0 (facemae_jax.distributed).
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "eval: workdir, converted dir or official .pth")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                                  "call jax.distributed.initialize() (auto: if the environment has several processes)")
-
-
-def _multi_process_env() -> bool:
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
-        return True
-    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        return True
-    return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0's "
+                                   "coordination service (default: $JAX_COORDINATOR_ADDRESS or auto-detected)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes "
+                                      "(default: $JAX_NUM_PROCESSES or auto-detected)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's id, 0..N-1 "
+                                   "(default: $JAX_PROCESS_ID or auto-detected)")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "multi-process: a process silent this long "
+                                          "counts as dead and all others abort (bounds the wait on a dead peer)")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout_s", 300, "multi-process: how long to wait for all "
+                                     "processes to join")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer("shutdown_timeout_s", 300, "multi-process: how long a finished process "
+                                         "waits at exit for the others (also ends a process stuck without them)")
 
 
 def default_workdir(config_path: str) -> str:
@@ -124,16 +130,28 @@ def main(argv) -> int:
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)
-    dist = _DISTRIBUTED.value
-    if dist == "true" or (dist == "auto" and _multi_process_env()):
-        import jax
+    from facemae_jax import distributed
 
-        jax.distributed.initialize()
+    explicit = distributed.explicit_args(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    dist = _DISTRIBUTED.value
+    if dist != "false" and (dist == "true" or any(v is not None for v in explicit)
+                            or distributed.cluster_environment()):
+        distributed.initialize(*explicit, heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+                               initialization_timeout_s=_INIT_TIMEOUT.value,
+                               shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value)
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     from facemae_jax import faults
 
-    with faults.one_message("launch.py"):
-        run_job(config, os.path.abspath(workdir), _MODE.value, _CHECKPOINT.value)
+    try:
+        with faults.one_message("launch.py"):
+            run_job(config, os.path.abspath(workdir), _MODE.value, _CHECKPOINT.value)
+    except distributed.Preempted as e:
+        print(f"[preemption] {e}", flush=True)
+        return 0
+    except BaseException as e:  # which host failed, first (each host's console is separate on a pod)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            print(f"[{distributed.describe_process()}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

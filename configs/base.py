@@ -78,6 +78,8 @@ def base_config() -> ConfigDict:
     c.final_eval = True
     c.kfold = 0  # > 0: run folds 1..k (splits fold{k}/train, fold{k}/test), one workdir each, and a mean table
     c.compilation_cache_dir = "~/.cache/facemae_jax/jax_cache"  # persistent XLA cache (restarts skip compiling); "" off
+    # multi-process audit (tests/test_multiprocess.py): each process logs the split positions of its training clips
+    c.log_clip_positions = False
     return c
 
 

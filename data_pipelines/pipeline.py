@@ -14,11 +14,12 @@ Batches (numpy, host side; the train/eval steps put them on devices):
 
 Why ``MapDataset`` (not ``grain.DataLoader`` or an ``IterDataset`` source): the split is random-access
 (ArrayRecord), so the whole chain up to batching is index-based — ``source -> shuffle -> repeat -> random_map ->
-[shard::count] -> batch`` — and only then converted with ``to_iter_dataset`` and ``mp_prefetch``. That gives:
+batch -> [shard::count]`` — and only then converted with ``to_iter_dataset`` and ``mp_prefetch``. That gives:
 
 * a global shuffle that changes every epoch (grain reseeds ``shuffle`` per epoch under ``repeat``), identical on
-  all processes, and then *the same* per-process split as a DistributedSampler: process p takes elements
-  p, p+P, ... of the one global stream;
+  all processes; of every global batch of P * B clips process p takes the p-th block of B (a DistributedSampler
+  takes every P-th clip instead: the same clips per step, but then a global batch's row order, and with it mixup
+  pairs, would depend on P);
 * per-element random generators derived from (seed, position in the global stream), so batches depend on the
   seed only — **not** on ``worker_count``, the number of read threads, or where a job was resumed; they do depend
   on ``shard_count`` only through which process gets which rows;
@@ -404,7 +405,7 @@ class ResumableIterator(grain.DatasetIterator):
     (JSON). set_state() rebuilds the grain iterator from batch k (``batches[k:]`` of the index-based dataset), so
     a restored job continues with identical batches for **any** worker_count / read_threads. Training pipelines
     can even resume with a different number of processes or batch size: the state counts clips consumed from the
-    one global stream, and process p's batch j always covers global block j (when the new clips per global step
+    one global stream, and process p's batch j is always block p of global batch j (when the new clips per global step
     divide the count). The identity (kind, split, split size, seed, geometry) must match, otherwise set_state
     raises: restoring a position into a different pipeline would silently train on other data.
 
@@ -554,14 +555,33 @@ def _training_pipeline(ds: grain.MapDataset, options: LoaderOptions, identity: d
 def _training_stream(
     split: DatasetSplit, transform: Any, batch_clips: int, seed: int, options: LoaderOptions
 ) -> grain.MapDataset:
-    """shuffle (per epoch, global) -> repeat forever -> per-element random transform -> this shard -> batches."""
+    """shuffle (per epoch, global) -> repeat forever -> per-element random transform -> batches -> this shard.
+
+    Process p's batch j is block p of global step j (global clips (j * P + p) * B .. + B - 1): every global batch is
+    the rows of a 1-process batch in the same order, and batching before sharding reads only this shard's clips
+    (MapDataset batches are index-based)."""
     if batch_clips <= 0:
         raise ValueError(f"batch size must be > 0, got {batch_clips}")
     shuffle_seed, augment_seed = _seeds(seed)
     ds = grain.MapDataset.source(ClipSource(split)).shuffle(seed=shuffle_seed).repeat()
     ds = ds.random_map(transform, seed=augment_seed)
-    ds = ds[options.shard_index :: options.shard_count]
-    return ds.batch(batch_clips, drop_remainder=True)
+    return _batch_and_shard(ds, batch_clips, options)
+
+
+def _batch_and_shard(ds: grain.MapDataset, batch_clips: int, options: LoaderOptions) -> grain.MapDataset:
+    return ds.batch(batch_clips, drop_remainder=True)[options.shard_index :: options.shard_count]
+
+
+def training_clip_positions(num_clips: int, *, batch_size: int, seed: int,
+                            options: LoaderOptions | None = None) -> grain.MapDataset:
+    """Split positions of the clips in this process's training batches, without reading anything: batch j is an
+    int64 array [batch_size] for batch j of the training pipeline with the same arguments (the same shuffle
+    permutation, which depends on the seed and the split size only, then the same batching and sharding). For
+    audits: which process read which clips (the trainer's ``log_clip_positions``)."""
+    options = options or LoaderOptions()
+    shuffle_seed, _ = _seeds(seed)
+    ds = grain.MapDataset.range(num_clips).shuffle(seed=shuffle_seed).repeat()
+    return _batch_and_shard(ds, batch_size, options)
 
 
 def pretrain_pipeline(

@@ -15,11 +15,21 @@ import jax
 
 
 def enable(directory: str) -> str | None:
-    """Point jax's persistent cache at ``directory`` (created) -> the folder used, or None when off."""
+    """Point jax's persistent cache at ``directory`` (created) -> the folder used, or None when off.
+
+    Off for multi-process runs on the CPU backend: with jax 0.10.2 an executable loaded from the cache there talks
+    to 1 gloo peer instead of all of them and the step never finishes (found by tests/test_multiprocess.py)."""
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if env:
         directory = env
     if not directory:
+        return None
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        if env:
+            raise RuntimeError("JAX_COMPILATION_CACHE_DIR is set, but jax 0.10.2's persistent cache hangs multi-process "
+                               "CPU (gloo) runs: unset it for this run")
+        print("[compile cache] off: multi-process CPU runs hang on cached executables (jax 0.10.2, gloo)",
+              flush=True)
         return None
     path = os.path.abspath(os.path.expanduser(directory))
     os.makedirs(path, exist_ok=True)

@@ -216,7 +216,10 @@ MODEL_JSON = "model.json"
 
 
 def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, meta: dict | None = None) -> None:
-    """Write ``out_dir/params`` (orbax) and ``out_dir/model.json`` (config + metadata such as class names)."""
+    """Write ``out_dir/params`` (orbax) and ``out_dir/model.json`` (config + metadata such as class names).
+
+    In a multi-process job every process calls this (orbax's save is collective; process 0 writes the files)."""
+    import jax
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
@@ -224,10 +227,11 @@ def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, me
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(out_dir, "params"), params, force=True)
     ckptr.wait_until_finished()
-    tmp = os.path.join(out_dir, MODEL_JSON + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"config": cfg.to_dict(), **(meta or {})}, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, MODEL_JSON))  # never a half-written model.json
+    if jax.process_index() == 0:  # every process saves the arrays (collective); one writes model.json
+        tmp = os.path.join(out_dir, MODEL_JSON + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"config": cfg.to_dict(), **(meta or {})}, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, MODEL_JSON))  # never a half-written model.json
 
 
 def load_converted(path: str) -> tuple[dict, ModelConfig, dict]:

@@ -83,10 +83,7 @@ def run_eval(eval_fn, params, pipeline, mesh, *, task: str, class_names: Sequenc
 
 def _local(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array (in the order of its local batch)."""
-    if jax.process_count() == 1:
-        return x
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
+    return sharding.local_rows(x)
 
 
 def _json_default(o):

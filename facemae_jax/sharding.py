@@ -96,6 +96,22 @@ def global_batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def process_batch_block(mesh: Mesh) -> int:
+    """Which of the ``process_count`` equal row blocks of every global batch this process's devices hold.
+
+    ``put_batch`` places a process's rows where its devices sit in the mesh; feeding each process the block of
+    the global stream at that position makes a global batch the same rows in the same order whatever the number
+    of processes (so losses, mixup pairs and resumed batches match a 1-process run). On CPU and GPU process p
+    holds block p; a TPU device mesh may order hosts differently."""
+    n = global_batch_divisor(mesh)
+    starts = sorted(idx[0].start or 0 for idx in batch_sharding(mesh).addressable_devices_indices_map((n,)).values())
+    per = n // jax.process_count()
+    if len(starts) != per or starts != list(range(starts[0], starts[0] + per)) or starts[0] % per:
+        raise ValueError(f"process {jax.process_index()}'s devices hold rows {starts} of a {n}-row global batch, not "
+                         "one contiguous block: use a mesh whose batch axes keep each host's devices together")
+    return starts[0] // per
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over ('data', 'fsdp'). Works on one host and on many (each
     process passes its own slice; ``jax.make_array_from_process_local_data`` assembles the global array)."""
@@ -104,6 +120,30 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
         v = np.asarray(v)
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
     return out
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order of its local batch (replicas of a row
+    block on several local devices, e.g. over 'fsdp' when an output is not sharded that way, count once)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    blocks = {}
+    for shard in x.addressable_shards:
+        blocks.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)])
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy, whole (an array spread over several processes is all-gathered: every process must
+    call this, as for any collective)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def describe(shardings: Any, abstract: Any) -> str:

@@ -33,7 +33,8 @@ from flax import linen as nn
 from data_pipelines import pipeline as pipelines
 from facemae_jax import checkpoint as ckpt_lib
 from data_pipelines import worker_autotune
-from facemae_jax import compilation_cache, convert, evaluate, input_timing, optim, randaugment, sharding, steps
+from facemae_jax import (compilation_cache, convert, distributed, evaluate, input_timing, optim, randaugment, sharding,
+                         steps)
 from facemae_jax.models import registry
 from facemae_jax.models.config import ModelConfig
 
@@ -54,28 +55,38 @@ def model_config(config) -> ModelConfig:
 def ensure_dataset(config) -> str:
     """The dataset directory, built first when the config says how (the demo's synthetic data)."""
     d = os.path.abspath(os.path.expanduser(config.data.dir))
-    if os.path.exists(os.path.join(d, "dataset_info.json")):
-        return d
+    info_path = os.path.join(d, "dataset_info.json")
     synth = config.data.get("synthetic")
+    if synth and jax.process_count() > 1:  # every process takes the barrier, whoever sees the data first
+        if jax.process_index() == 0 and not os.path.exists(info_path):
+            _build_synthetic(d, synth)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic dataset written")
+        if not os.path.exists(info_path):
+            raise FileNotFoundError(
+                f"{distributed.describe_process()}: process 0 wrote the synthetic dataset to {d!r} but this "
+                "process does not see it: multi-process jobs assume a filesystem shared by all hosts for "
+                "data.dir and the workdir (build the dataset on each host's disk first, or use shared storage)")
+    if os.path.exists(info_path):
+        return d
     if synth:
-        from data_pipelines import synthetic
-
-        logging.info("dataset %s not found: generating the synthetic face-expression dataset there", d)
-        if jax.process_index() == 0:  # one writer; the others wait (a shared filesystem is assumed)
-            print(f"[data] {d} not found: generating synthetic face-expression videos ({dict(synth)})", flush=True)
-            t0 = time.time()
-            synthetic.build_dataset(d, **dict(synth))
-            print(f"[data] generated in {time.time() - t0:.0f}s", flush=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("synthetic dataset written")
+        _build_synthetic(d, synth)
         return d
     raise FileNotFoundError(
         f"dataset directory {d!r} has no dataset_info.json. Build it first, e.g.\n"
         f"  python -m data_pipelines.build {config.data.get('builder', 'NAME')} --out {d} ...\n"
         "(see README 'Data'), or point --config.data.dir at an existing one."
     )
+
+
+def _build_synthetic(d: str, synth) -> None:
+    from data_pipelines import synthetic
+
+    print(f"[data] {d} not found: generating synthetic face-expression videos ({dict(synth)})", flush=True)
+    t0 = time.time()
+    synthetic.build_dataset(d, **dict(synth))
+    print(f"[data] generated in {time.time() - t0:.0f}s", flush=True)
 
 
 def dataset_info(data_dir: str) -> dict:
@@ -110,10 +121,12 @@ def local_batch_size(global_batch: int, mesh) -> int:
     return global_batch // jax.process_count()
 
 
-def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int) -> pipelines.Pipeline:
+def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int, mesh=None) -> pipelines.Pipeline:
     d = config.data
     opts = loader_options(config, batch_bytes=batch * d.get("num_samples", 1) * cfg.num_frames * cfg.img_size**2 * 3,
                           log=True)
+    if mesh is not None:  # feed the rows of the global batch this process's devices hold (= 1-process batches)
+        opts = dataclasses.replace(opts, shard_index=sharding.process_batch_block(mesh))
     if config.task == "pretrain":
         return pipelines.pretrain_pipeline(
             data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
@@ -236,7 +249,10 @@ class Logger:
             return
         for k, v in values.items():
             self.tb.add_scalar(k, float(v), step)
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+        if "train/loss" in values:  # short keys for comparing runs from outside (configs/smoke.py logs every step)
+            row.update(loss=float(values["train/loss"]), num_processes=jax.process_count())
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:
@@ -272,7 +288,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     data_dir = ensure_dataset(config)
     info = dataset_info(data_dir)
     batch = local_batch_size(config.batch_size, mesh)
-    train_pipe = train_pipeline(config, cfg, data_dir, batch)
+    train_pipe = train_pipeline(config, cfg, data_dir, batch, mesh)
     spe = train_pipe.steps_per_epoch
     if not spe:
         raise ValueError(f"split {config.data.train_split!r} has fewer clips than one global batch")
@@ -351,9 +367,13 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
             last_metrics.update({k: float(v) for k, v in m.items() if k != "finite"})
 
     last_metrics: dict[str, float] = {}
+    preemption = distributed.PreemptionWatch()
+    audit = _ClipPositionLog(workdir, config, train_pipe, batch) if config.get("log_clip_positions") else None
     try:
         for step in range(start, stop_at):
             batch_np = input_wait.next(it)
+            if audit:
+                audit.write(step)
             state, m = train_step(state, sharding.put_batch(batch_np, mesh))
             pending.append((step, m))
             clips_window += config.batch_size
@@ -385,6 +405,14 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
             if done % ckpt_every == 0 and done != stop_at:
                 drain(upto_all=True)
                 ckpt.save(done, state, it.get_state())
+            if done != stop_at and preemption.reached(done):  # SIGTERM on any process: all stop at this step
+                drain(upto_all=True)
+                if ckpt.latest_step() != done:
+                    ckpt.save(done, state, it.get_state(), force=True)
+                ckpt.wait()
+                logger.close()
+                raise distributed.Preempted(f"checkpoint of step {done} saved in {ckpt.directory}; rerun the same "
+                                            "command to resume")
             if eval_every and done % eval_every == 0 and done != stop_at:
                 drain(upto_all=True)
                 result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, done,
@@ -394,6 +422,9 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
             ckpt.save(stop_at, state, it.get_state(), force=True)
         ckpt.wait()
     finally:  # also on divergence / Ctrl-C: let pending asynchronous checkpoint writes finish
+        preemption.close()
+        if audit:
+            audit.close()
         bar.close()
         it.close()
         ckpt.wait()
@@ -404,6 +435,26 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     logger.close()
     ckpt.close()
     return result
+
+
+class _ClipPositionLog:
+    """``log_clip_positions``: every process appends the split positions of the clips in each of its training
+    batches to ``workdir/clip_positions/process<i>.jsonl`` ({"step", "positions"}), computed from the pipeline's
+    index stream (nothing extra is read). An audit of the data sharding: over all processes, one epoch of the
+    global stream holds every clip once."""
+
+    def __init__(self, workdir: str, config, pipe: pipelines.Pipeline, batch_clips: int):
+        self.positions = pipelines.training_clip_positions(len(pipe.record_indices), batch_size=batch_clips,
+                                                           seed=config.seed, options=pipe.options)
+        os.makedirs(os.path.join(workdir, "clip_positions"), exist_ok=True)
+        self.file = open(os.path.join(workdir, "clip_positions", f"process{jax.process_index()}.jsonl"), "a")
+
+    def write(self, step: int) -> None:
+        self.file.write(json.dumps({"step": step, "positions": self.positions[step].tolist()}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 # Periodic evals reuse one compiled step per (model, config) instead of re-jitting a new closure every time.
@@ -457,9 +508,11 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
     it = iter(pipe)
     batch = next(it)
     it.close()
+    rows = n // jax.process_count()  # every process loads the fixed batch and feeds its block of it
+    first = sharding.process_batch_block(mesh) * rows
     fd = config.pretrain.frame_diff
     loss, zero, pred = _jitted_pretrain_eval_step(model, cfg, fd)(
-        params, sharding.put_batch(batch, mesh))
+        params, sharding.put_batch({k: v[first:first + rows] for k, v in batch.items()}, mesh))
     loss, zero = float(loss), float(zero)
     logger.scalars(step, {"eval/recon_loss": loss, "eval/recon_loss_vs_zero": loss / zero})
     res = {"recon_loss": loss, "recon_loss_vs_zero": loss / zero}
@@ -469,7 +522,8 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
         try:
             from facemae_jax import visualize
 
-            visualize.reconstruction_figure(batch["video"][0], batch["mask"][0], np.asarray(pred)[0], cfg, fd, path)
+            visualize.reconstruction_figure(batch["video"][first], batch["mask"][first],
+                                            sharding.local_rows(pred)[0], cfg, fd, path)
             res["figure"] = path
         except ImportError as e:  # the figure is a report, not part of training
             logging.warning("no reconstruction figure: %s", e)
@@ -480,9 +534,7 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
 
 def export(workdir, params, cfg: ModelConfig, config, info, step) -> None:
     """Final model in the converted format (orbax params + model.json) for predict / extract / eval / init_from."""
-    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    if jax.process_index() != 0:
-        return
+    host = sharding.to_host(params)  # every process: orbax's save below is collective (process 0 writes)
     # "task" is what the head predicts (inference reads it); "job" is how the model was trained
     task = "pretrain" if config.task == "pretrain" else config.data.get("task", "classification")
     meta = {"model_name": config.model.name, "step": int(step), "task": task, "job": config.task,

@@ -160,17 +160,19 @@ def test_pretrain_epochs_cover_the_split_and_reshuffle(dataset):
 
 def test_pretrain_process_shards_partition_the_stream(dataset):
     directory, _, _ = dataset
-    full = [decode_content(b["video"])[1] for b in take(iter(pretrain(directory, batch_size=2)), 5)]
-    full = np.concatenate(full)  # the first 10 elements of the global stream = one epoch
+    full = [decode_content(b["video"])[1] for b in take(iter(pretrain(directory, batch_size=4)), 5)]
     shards = []
     for p in range(2):
         opts = pipeline.LoaderOptions(shard_index=p, shard_count=2)
-        got = np.concatenate(
-            [decode_content(b["video"])[1] for b in take(iter(pretrain(directory, batch_size=1, options=opts)), 5)]
-        )
+        got = [decode_content(b["video"])[1] for b in take(iter(pretrain(directory, batch_size=2, options=opts)), 5)]
         shards.append(got)
-        assert np.array_equal(got, full[p::2])  # process p takes elements p, p+2, ... of the one global stream
-    assert sorted(np.concatenate(shards).tolist()) == list(range(10))
+        pipe = pretrain(directory, batch_size=2, options=opts)
+        positions = pipeline.training_clip_positions(len(pipe.record_indices), batch_size=2, seed=0, options=opts)
+        for step in range(5):  # process p holds block p of every global batch: a global batch is the 1-process one
+            assert np.array_equal(got[step], full[step][2 * p : 2 * p + 2])
+            assert np.array_equal(pipe.record_indices[positions[step]], got[step])  # the audit's index stream
+    epoch = np.concatenate([np.concatenate([shards[0][s], shards[1][s]]) for s in range(2)])
+    assert len(set(epoch.tolist())) == 8  # 10 clips, global batch 4: the 2 steps of an epoch read 8 distinct clips
 
 
 def test_pretrain_repeated_samples_flatten_into_the_batch(dataset):
@@ -280,13 +282,12 @@ def test_training_state_resumes_with_other_process_count_and_batch_size(dataset)
     state = it.get_state()
     assert state["global_clips"] == 8
     halves = []
-    for p in range(2):  # now 2 processes x batch 2: process p's batch j covers global clips 8+4j .. 8+4j+3
+    for p in range(2):  # now 2 processes x batch 2: process p's batch j covers global clips 8+4j+2p .. +1
         resumed = iter(pretrain(directory, batch_size=2, options=pipeline.LoaderOptions(shard_index=p, shard_count=2)))
         resumed.set_state(state)
         halves.append(next(resumed))
-    for key in ("video", "mask"):
-        interleaved = np.stack([halves[0][key][0], halves[1][key][0], halves[0][key][1], halves[1][key][1]])
-        assert np.array_equal(interleaved, reference[2][key])
+    for key in ("video", "mask"):  # the same global batch: process p's rows are block p of it
+        assert np.array_equal(np.concatenate([halves[0][key], halves[1][key]]), reference[2][key])
     with pytest.raises(ValueError, match="not a whole number of steps"):
         iter(pretrain(directory, batch_size=3)).set_state(state)
     with pytest.raises(ValueError, match="different pipeline .*seed: saved 0, now 1"):
