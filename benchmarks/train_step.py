@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     meta = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "jax": jax.__version__, "gemm_1024_flops_per_s": [gemm_before, gemm_after],
-            "load_average": os.getloadavg(), "command": "python -m benchmarks.train_step " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "load_average": os.getloadavg(),
+            "command": "python -m benchmarks.train_step " + " ".join(sys.argv[1:] if argv is None else argv)}
     if on_cpu:
         print(f"GEMM 1024^2 float32: {gemm_before / 1e9:.0f} GFLOP/s before, {gemm_after / 1e9:.0f} after", flush=True)
     if args.out:
