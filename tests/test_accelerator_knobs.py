@@ -33,8 +33,9 @@ def _loss_and_grads(name, batch=2, **overrides):
 
 
 @pytest.mark.parametrize("name, remat", [  # every block type: LG block, plain + CS blocks, decoder blocks
-    ("lgi_tiny_finetune", "full"), ("tpsbt_tiny_pretrain", "dots_with_no_batch_dims_saveable"),
-    ("lgi_tiny_pretrain", "full")])
+    ("lgi_tiny_finetune", "full"),
+    pytest.param("tpsbt_tiny_pretrain", "dots_with_no_batch_dims_saveable", marks=pytest.mark.extended),
+    pytest.param("lgi_tiny_pretrain", "full", marks=pytest.mark.extended)])
 def test_remat_keeps_parameters_and_numbers(name, remat):
     fn, params = _loss_and_grads(name)
     fn_r, params_r = _loss_and_grads(name, remat=remat)

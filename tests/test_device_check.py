@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.device_check
+@pytest.mark.extended
 def test_reduced_device_check_runs_every_part(golden_dir, tmp_path):
     out = tmp_path / "device_cpu.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "TQDM_DISABLE": "1"}

@@ -224,6 +224,7 @@ def _steps_golden_from_forward(golden_dir, out_dir, forward_name, labels=None):
     return path, run, z
 
 
+@pytest.mark.extended  # > 30 s: .ci/run runs it after the default suite
 def test_step_tool_works_for_the_other_family_mode_pairs(golden_dir, tmp_path):
     """MAE-DFER pre-training (frame-difference target, tube-window mask) and SVFAP fine-tuning have no step golden
     here; the hidden ones must still go through. Step 1's loss is anchored to the reference's forward golden."""

@@ -101,7 +101,7 @@ def test_pretrained_weights_convert_onto_the_study_finetune_model(family):
             np.testing.assert_array_equal(ft_sd[k], pre_enc[k], err_msg=f"{init}: {k}")
 
 
-@pytest.mark.study  # ~5 min: .ci/run runs it after the default suite
+@pytest.mark.extended  # ~5 min: .ci/run runs it after the default suite
 def test_reduced_study_pretrained_beats_scratch(tmp_path, monkeypatch):
     """``--quick``: 600 pre-training steps, then 300 fine-tuning steps from that encoder and from random init, seed 0.
 

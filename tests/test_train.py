@@ -43,7 +43,7 @@ def _batch(cfg, mode, n=8, seed=0):
             "erase_box": np.zeros((n, 4), np.int32)}
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+@pytest.mark.parametrize("mode", [pytest.param("pretrain", marks=pytest.mark.extended), "finetune"])
 def test_sharded_step_matches_single_device(mode):
     cfg = get_config(f"lgi_tiny_{mode}", **SMALL_LGI)
     model = create_model(cfg)
@@ -122,6 +122,7 @@ def test_optimizer_groups_on_base_models_match_spec():
     assert sum(r.frozen for r in rep.rules) == 173  # ARCHITECTURE §4.6: tensors without gradient
 
 
+@pytest.mark.extended  # > 30 s: .ci/run runs it after the default suite
 def test_restore_onto_another_mesh(tmp_path):
     cfg = get_config("lgi_tiny_finetune", **SMALL_LGI)
     model = create_model(cfg)
@@ -216,6 +217,7 @@ def _export_params(workdir):
     return dict(naming.flatten(params))
 
 
+@pytest.mark.extended  # > 30 s: .ci/run runs it after the default suite
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_data):
     config = _config_file(tmp_path, tiny_data)
     ref = _launch(config, str(tmp_path / "ref"), "--config.final_eval=False")
@@ -322,6 +324,7 @@ def test_init_from_official_format_pth(tmp_path):
     assert ft["head.weight"].shape == (5, 32)
 
 
+@pytest.mark.extended  # > 30 s: .ci/run runs it after the default suite
 def test_kfold_driver_writes_per_fold_and_mean_table(tmp_path, tiny_data):
     """Two folds over a copy of the tiny dataset whose info gets fold splits; launch.run_kfold trains both."""
     import launch
@@ -357,6 +360,7 @@ def test_kfold_driver_writes_per_fold_and_mean_table(tmp_path, tiny_data):
     assert table["mean"]["uar"] == pytest.approx((folds[0]["uar"] + folds[1]["uar"]) / 2)
 
 
+@pytest.mark.extended  # > 30 s: .ci/run runs it after the default suite
 def test_staged_pretrain_then_finetune_on_frames_larger_than_the_model(tmp_path, tiny_data):
     """The demo / study shape end to end: masked pre-training (with its reconstruction report) then fine-tuning from
     it, on 32 px stored frames fed to a 16 px model (every pipeline, the report's included, must resize)."""
