@@ -69,7 +69,7 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     """-> (jitted step, state, batch, model config): the trainer's step for the case's job config."""
     import importlib
 
-    from facemae_jax import steps, train
+    from facemae_jax import train
     from facemae_jax.models import registry
 
     model_name, module, arg = CASES[case]
@@ -86,12 +86,10 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     data = {"video": rng.integers(0, 256, inputs[0].shape, dtype=np.uint8)}
     if cfg.mode == "pretrain":
         data["mask"] = inputs[1]
-        step = steps.make_pretrain_step(model, cfg, tx, 0, frame_diff=config.pretrain.frame_diff)
     else:
         data["label"] = rng.integers(0, cfg.num_classes, (batch,), dtype=np.int32)
         data["erase_box"] = np.tile(np.array([[20, 30, 40, 50]], np.int32), (batch, 1))
-        step = steps.make_finetune_step(model, cfg, tx, 0, **train._finetune_kwargs(config))
-    return jax.jit(step, donate_argnums=0), state, data, cfg
+    return jax.jit(train.make_train_step(config, model, cfg, tx), donate_argnums=0), state, data, cfg
 
 
 def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,

@@ -123,7 +123,7 @@ def run_train_steps(path: str) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from facemae_jax import convert, steps, train
+    from facemae_jax import convert, train
     from facemae_jax.models import registry
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -139,13 +139,10 @@ def run_train_steps(path: str) -> dict[str, Any]:
         config, cfg, registry.abstract_params(model), int(r["steps_per_epoch"]), config.batch_size)
     video = _input_video(path, meta)
     if cfg.mode == "finetune":
-        step = steps.make_finetune_step(model, cfg, tx, config.seed, **train._finetune_kwargs(config))
         batch = {"video": video, "label": z["label"].astype(np.int32)}
     else:
-        step = steps.make_pretrain_step(model, cfg, tx, config.seed, frame_diff=config.pretrain.frame_diff,
-                                        diff_weight=config.pretrain.get("diff_weight"))
         batch = {"video": video, "mask": z["mask"].astype(bool)}
-    step = jax.jit(step)
+    step = jax.jit(train.make_train_step(config, model, cfg, tx))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     losses = []
     for _ in range(int(r["steps"])):

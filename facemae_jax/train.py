@@ -273,6 +273,15 @@ def _finetune_kwargs(config) -> dict[str, Any]:
                 rand_augment=randaugment.DeviceRandAugment.from_string(config.data.rand_augment) if on_device else None)
 
 
+def make_train_step(config, model, cfg: ModelConfig, tx):
+    """The (unjitted) step of this job: pre-training or fine-tuning, as ``run`` trains it (also what the parity
+    tool's training-step check and benchmarks/train_step.py run)."""
+    if config.task == "pretrain":
+        return steps.make_pretrain_step(model, cfg, tx, config.seed, frame_diff=config.pretrain.frame_diff,
+                                        diff_weight=config.pretrain.get("diff_weight"))
+    return steps.make_finetune_step(model, cfg, tx, config.seed, **_finetune_kwargs(config))
+
+
 def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -315,13 +324,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     start = int(jax.device_get(state["step"]))
 
     task = config.data.get("task", "classification")
-    if config.task == "pretrain":
-        frame_diff = config.pretrain.frame_diff
-        train_step = steps.make_pretrain_step(model, cfg, tx, config.seed, frame_diff=frame_diff,
-                                              diff_weight=config.pretrain.get("diff_weight"))
-    else:
-        train_step = steps.make_finetune_step(model, cfg, tx, config.seed, **_finetune_kwargs(config))
-    train_step = jax.jit(train_step, donate_argnums=0)
+    train_step = jax.jit(make_train_step(config, model, cfg, tx), donate_argnums=0)
 
     is_main = jax.process_index() == 0
     if is_main:
