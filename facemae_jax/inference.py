@@ -449,10 +449,7 @@ def make_mask(cfg: ModelConfig, seed: int = 0) -> np.ndarray:
     """A mask from the model's own generator (mask_kind, mask_ratio, LGI band window) -> bool [N], True = hidden."""
     from facemae_jax import masking
 
-    kw: dict[str, Any] = dict(grid=cfg.grid, mask_ratio=cfg.mask_ratio)
-    if cfg.mask_kind == "tube_window":
-        kw["window"] = cfg.region_size[1:]
-    return masking.make_mask_generator(cfg.mask_kind, **kw)(np.random.default_rng(seed))
+    return masking.MaskGenerator.for_model(cfg)(np.random.default_rng(seed))
 
 
 def predict_masked_patches(loaded: LoadedModel, clip: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -251,6 +251,15 @@ class MaskGenerator:
     def num_visible(self) -> int:
         return num_visible(self.kind, self.grid, self.mask_ratio, self.window)
 
+    @classmethod
+    def for_model(cls, cfg) -> "MaskGenerator":
+        """The generator a pre-train model config implies: its grid, ``mask_kind``, ``mask_ratio`` and, for the
+        LGI tube-window mask, the band window = the region's (height, width). The one place that derives mask
+        settings from a ``ModelConfig`` (the pipeline, the model's visible-token count, inference and tests use it).
+        """
+        window = tuple(int(v) for v in cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None
+        return cls(kind=cfg.mask_kind, grid=_check_grid(cfg.grid), mask_ratio=cfg.mask_ratio, window=window)
+
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         if self.kind == "tube":
             return tube_mask(rng, self.grid, self.mask_ratio)

@@ -339,13 +339,18 @@ class TPSBT(Backbone):
         t2 = y.shape[1]
         return y.reshape(b, p, t2, ch).transpose(0, 2, 1, 3).reshape(b, t2 * p, ch)
 
-    def encode(self, video: jax.Array, train: bool = False) -> jax.Array:
-        """Fine-tune forward (ARCHITECTURE §4.5) -> final full-resolution tokens ``[B, T_last*P, C]``."""
-        det = not train
-        x = self.embed(video)
+    def run_stages(self, x: jax.Array, det: bool, reverse_context: jax.Array | None = None) -> list[jax.Array]:
+        """The stage loop, shared by fine-tuning and pre-training: tokens ``[B, T0*P, C]`` -> the output of every
+        stage, ``[B, T_s*P, C]`` for s = 0..S-1 (T_s = T0 / k**s).
+
+        Each later stage: temporal conv, spatial bottleneck, (depth-1) CS blocks on the bottleneck tokens reading the
+        full-resolution ones, and the reverse CS block, whose context is the bottleneck tokens — or
+        ``reverse_context`` when given (the faithful SVFAP pre-train encoder passes the unmasked embedding, Q3; the z
+        path is then computed and unused, and XLA removes it under jit)."""
         stages = self.stage_ranges()
         for i in stages[0]:
             x = self.blocks[i](x, det)  # deterministic positional: static under remat
+        outputs = [x]
         frames = self.cfg.grid[0]
         for s, rng in enumerate(stages[1:]):
             u = self.temporal_conv(s, x, frames)
@@ -353,5 +358,10 @@ class TPSBT(Backbone):
             z = self.spatial_downsamples[s](u)
             for i in list(rng)[:-1]:
                 z = self.blocks[i](z, u, det)
-            x = self.blocks[rng[-1]](u, z, det)
-        return x
+            x = self.blocks[rng[-1]](u, z if reverse_context is None else reverse_context, det)
+            outputs.append(x)
+        return outputs
+
+    def encode(self, video: jax.Array, train: bool = False) -> jax.Array:
+        """Fine-tune forward (ARCHITECTURE §4.5) -> final full-resolution tokens ``[B, T_last*P, C]``."""
+        return self.run_stages(self.embed(video), not train)[-1]

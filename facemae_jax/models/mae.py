@@ -35,8 +35,7 @@ from facemae_jax.models.layers import (
 
 
 def num_visible_tokens(cfg: ModelConfig) -> int:
-    window = cfg.region_size[1:] if cfg.mask_kind == "tube_window" else None
-    return masking.num_visible(cfg.mask_kind, cfg.grid, cfg.mask_ratio, window=window)
+    return masking.MaskGenerator.for_model(cfg).num_visible
 
 
 def check_mask(cfg: ModelConfig, mask: np.ndarray) -> None:
@@ -121,28 +120,18 @@ class TPSBTPretrainEncoder(TPSBT):
 
     def __call__(self, video, vis_idx, train: bool = False):
         c = self.cfg
-        det = not train
         x_all = self.embed(video)
-        xv = gather_tokens(x_all, vis_idx)
-        stages = self.stage_ranges()
-        for i in stages[0]:
-            xv = self.blocks[i](xv, det)  # deterministic positional: static under remat
-        fused = xv
-        frames = c.grid[0]
-        for s, rng in enumerate(stages[1:]):
-            u = self.temporal_conv(s, xv, frames)
-            z = self.spatial_downsamples[s](u)
-            for i in list(rng)[:-1]:
-                z = self.blocks[i](z, u, det)
-            if c.svfap_reverse_ctx == "full_embedding":
-                ctx = x_all  # Q3: the z path above is dead (computed, unused; XLA removes it under jit)
-            elif c.svfap_reverse_ctx == "bottleneck":
-                ctx = z
-            else:
-                raise ValueError(f"svfap_reverse_ctx must be full_embedding|bottleneck, got {c.svfap_reverse_ctx!r}")
-            xv = self.blocks[rng[-1]](u, ctx, det)
-            fused = fused + self.upsample(xv, s + 1, frames, self.stage_frames[s])
-            frames = self.stage_frames[s]
+        if c.svfap_reverse_ctx == "full_embedding":
+            context = x_all  # Q3: the reverse blocks read the unmasked embedding
+        elif c.svfap_reverse_ctx == "bottleneck":
+            context = None  # as fine-tuning: the stage's own bottleneck tokens
+        else:
+            raise ValueError(f"svfap_reverse_ctx must be full_embedding|bottleneck, got {c.svfap_reverse_ctx!r}")
+        outputs = self.run_stages(gather_tokens(x_all, vis_idx), not train, context)
+        fused = outputs[0]
+        frames = (c.grid[0],) + self.stage_frames  # T_s before each down-sampling
+        for s in range(1, len(outputs)):
+            fused = fused + self.upsample(outputs[s], s, frames[s - 1], frames[s])
         return self.norm(fused)
 
 

@@ -104,10 +104,7 @@ def example_inputs(cfg: ModelConfig, batch: int = 1, seed: int = 0) -> tuple[np.
     video = np.zeros((batch, cfg.num_frames, cfg.img_size, cfg.img_size, cfg.in_chans), np.float32)
     if cfg.mode != "pretrain":
         return (video,)
-    kw: dict[str, Any] = dict(grid=cfg.grid, mask_ratio=cfg.mask_ratio)
-    if cfg.mask_kind == "tube_window":
-        kw["window"] = cfg.region_size[1:]
-    gen = masking.make_mask_generator(cfg.mask_kind, **kw)
+    gen = masking.MaskGenerator.for_model(cfg)
     rng = np.random.default_rng(seed)
     return video, np.stack([gen(rng) for _ in range(batch)])
 
@@ -151,6 +148,3 @@ def tied_modules(cfg: ModelConfig) -> dict[str, str]:
             out[f"{pre}blocks.{i}.{n}."] = f"{pre}blocks.{i}.first_attn."
     return out
 
-
-def param_dtype_cast(params: Any, dtype: Any = jnp.float32) -> Any:
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
