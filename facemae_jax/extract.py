@@ -42,8 +42,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from facemae_jax import inference
-from facemae_jax.inference import LoadedModel
+from facemae_jax import convert, inference, loading
+from facemae_jax.loading import LoadedModel
 
 
 def is_shard_input(path: str) -> bool:
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--search_whole_video", action="store_true",
                     help="videos: do not give up when no face appears in the first seconds")
     ap.add_argument("--split", default=None, help="shards: only this split of the dataset directory")
-    inference.add_model_args(ap)
+    loading.add_model_args(ap)
     return ap
 
 
@@ -229,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.split is not None and not shard_inputs:
         raise SystemExit("--split applies to a shard (dataset) directory only")
     try:
-        overrides = inference.parse_overrides(args.override)
-        loaded = inference.as_backbone(inference.load_model(args.checkpoint, model=args.model,
+        overrides = convert.parse_overrides(args.override)
+        loaded = loading.as_backbone(loading.load_model(args.checkpoint, model=args.model,
                                                             sampling_rate=args.sampling_rate, overrides=overrides))
     except ValueError as e:  # ModelLoadError, or a malformed --override
         print(f"error: {e}", file=sys.stderr)

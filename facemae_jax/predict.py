@@ -50,8 +50,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from facemae_jax import inference
-from facemae_jax.inference import LoadedModel, Window
+from facemae_jax import convert, inference, loading
+from facemae_jax.inference import Window
+from facemae_jax.loading import LoadedModel
 
 PANEL_WIDTH_FRACTION = 0.34  # probability panel width / frame width in annotated videos
 
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{defaults.search_seconds:g})")
     ap.add_argument("--search_whole_video", action="store_true", help="never give up early on finding a face")
     ap.add_argument("--class_names", default=None, help="comma-separated class names (override the checkpoint's)")
-    inference.add_model_args(ap)
+    loading.add_model_args(ap)
     return ap
 
 
@@ -441,8 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from e
     videos = collect_videos(args.videos)
     try:
-        overrides = inference.parse_overrides(args.override)
-        loaded = inference.load_model(args.checkpoint, model=args.model, class_names=args.class_names,
+        overrides = convert.parse_overrides(args.override)
+        loaded = loading.load_model(args.checkpoint, model=args.model, class_names=args.class_names,
                                       sampling_rate=args.sampling_rate, overrides=overrides)
     except ValueError as e:  # ModelLoadError, or a malformed --override
         print(f"error: {e}", file=sys.stderr)

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from facemae_jax import inference
-from facemae_jax.inference import LoadedModel
+from facemae_jax import convert, inference, loading
+from facemae_jax.loading import LoadedModel
 
 
 def clip_from_video(path: str, loaded: LoadedModel, index: int = 0, *, face_crop: bool = True) -> np.ndarray:
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frame_diff", choices=("auto", "on", "off"), default="auto",
                     help="prediction holds frame differences (auto: yes for the LGI / MAE-DFER family)")
     ap.add_argument("--no_face_crop", action="store_true", help="videos: use whole frames resized to the input")
-    inference.add_model_args(ap, pretrain=True)
+    loading.add_model_args(ap, pretrain=True)
     return ap
 
 
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        overrides = inference.parse_overrides(args.override)
-        loaded = inference.load_model(args.checkpoint, model=args.model, sampling_rate=args.sampling_rate,
+        overrides = convert.parse_overrides(args.override)
+        loaded = loading.load_model(args.checkpoint, model=args.model, sampling_rate=args.sampling_rate,
                                       overrides=overrides)
     except ValueError as e:  # ModelLoadError, or a malformed --override
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ import pytest
 import skimage.data
 
 from data_pipelines import records, transforms, video_io
-from facemae_jax import convert, extract, inference, masking, predict, targets, torch_io, visualize, visualize_mae
+from facemae_jax import convert, extract, inference, loading, masking, predict, targets, torch_io, visualize, visualize_mae
 from facemae_jax.models import registry
 
 GEOMETRY = dict(num_frames=8, img_size=64, region_size=(2, 2, 4), embed_dim=32, num_heads=2, depth=1)
@@ -161,26 +161,26 @@ def test_frame_probabilities_average_the_covering_windows():
 
 def test_load_forms_and_errors(workspace, tmp_path):
     root = workspace["root"]
-    loaded = inference.load_model(root / "finetune")
+    loaded = loading.load_model(root / "finetune")
     assert loaded.cfg == FINETUNE_CFG and loaded.sampling_rate == SAMPLING_RATE and loaded.head_trained
     assert list(loaded.class_names) == DFEW and loaded.model_name == "lgi_tiny_finetune"
 
     workdir = tmp_path / "work"
     shutil.copytree(root / "finetune", workdir / "export")
-    from_workdir = inference.load_model(workdir, class_names="a,b,c,d,e,f,g")
+    from_workdir = loading.load_model(workdir, class_names="a,b,c,d,e,f,g")
     assert from_workdir.cfg == FINETUNE_CFG and from_workdir.class_names == tuple("abcdefg")
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_workdir.params, loaded.params)
 
     unfinished = tmp_path / "run"
     (unfinished / "checkpoints").mkdir(parents=True)
-    with pytest.raises(inference.ModelLoadError, match="export/model.json.*checkpoints"):
-        inference.load_model(unfinished)
-    with pytest.raises(inference.ModelLoadError, match="no such file"):
-        inference.load_model(tmp_path / "missing")
-    with pytest.raises(inference.ModelLoadError, match="3 class names given.*7 classes"):
-        inference.load_model(root / "finetune", class_names=["x", "y", "z"])
-    with pytest.raises(inference.ModelLoadError, match="has 7 classes, not 11"):
-        inference.load_model(root / "finetune", num_classes=11)
+    with pytest.raises(loading.ModelLoadError, match="export/model.json.*checkpoints"):
+        loading.load_model(unfinished)
+    with pytest.raises(loading.ModelLoadError, match="no such file"):
+        loading.load_model(tmp_path / "missing")
+    with pytest.raises(loading.ModelLoadError, match="3 class names given.*7 classes"):
+        loading.load_model(root / "finetune", class_names=["x", "y", "z"])
+    with pytest.raises(loading.ModelLoadError, match="has 7 classes, not 11"):
+        loading.load_model(root / "finetune", num_classes=11)
 
     # official files: the architecture must be named; the head size comes from the file
     state_dict = convert.flax_to_torch(workspace["params"], FINETUNE_CFG)
@@ -188,25 +188,25 @@ def test_load_forms_and_errors(workspace, tmp_path):
     state_dict["head.weight"] = rng.normal(size=(11, 32)).astype(np.float32)
     state_dict["head.bias"] = np.zeros(11, np.float32)
     torch_io.save_state_dict(str(tmp_path / "mafw.pth"), state_dict)
-    with pytest.raises(inference.ModelLoadError, match="--model"):
-        inference.load_model(tmp_path / "mafw.pth")
+    with pytest.raises(loading.ModelLoadError, match="--model"):
+        loading.load_model(tmp_path / "mafw.pth")
     with pytest.warns(UserWarning, match="class_0 .. class_10"):
-        eleven = inference.load_model(tmp_path / "mafw.pth", model="lgi_tiny_finetune", overrides=GEOMETRY)
+        eleven = loading.load_model(tmp_path / "mafw.pth", model="lgi_tiny_finetune", overrides=GEOMETRY)
     assert eleven.cfg.num_classes == 11 and eleven.class_names[-1] == "class_10"
-    assert eleven.sampling_rate == inference.DEFAULT_SAMPLING_RATE
-    with pytest.raises(inference.ModelLoadError, match="does not fit model"):
-        inference.load_model(tmp_path / "mafw.pth", model="lgi_tiny_finetune")  # wrong geometry
+    assert eleven.sampling_rate == loading.DEFAULT_SAMPLING_RATE
+    with pytest.raises(loading.ModelLoadError, match="does not fit model"):
+        loading.load_model(tmp_path / "mafw.pth", model="lgi_tiny_finetune")  # wrong geometry
 
     # an official pre-train file into the pre-train model: the same parameters come back
     pre_sd = convert.flax_to_torch(workspace["pre_params"], PRETRAIN_CFG)
     torch_io.save_state_dict(str(tmp_path / "pre.pth"), pre_sd, extra={"args": {"sampling_rate": 2}})
     overrides = {**GEOMETRY, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2,
                  "mask_ratio": 0.75}
-    pre = inference.load_model(tmp_path / "pre.pth", model="lgi_tiny_pretrain", overrides=overrides)
+    pre = loading.load_model(tmp_path / "pre.pth", model="lgi_tiny_pretrain", overrides=overrides)
     assert pre.cfg == PRETRAIN_CFG and pre.sampling_rate == 2 and pre.class_names == ()
     jax.tree_util.tree_map(np.testing.assert_array_equal, pre.params, workspace["pre_params"])
-    with pytest.raises(inference.ModelLoadError, match="fine-tune state dict"):
-        inference.load_model(tmp_path / "mafw.pth", model="lgi_tiny_pretrain", overrides=overrides)
+    with pytest.raises(loading.ModelLoadError, match="fine-tune state dict"):
+        loading.load_model(tmp_path / "mafw.pth", model="lgi_tiny_pretrain", overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_predict_fails_when_every_video_fails(workspace, tmp_path, capsys):
     targets_7 = [f"trait_{i}" for i in range(7)]
     meta.update(task="regression", class_names=None, target_names=targets_7)
     (regression / "model.json").write_text(json.dumps(meta))
-    loaded = inference.load_model(regression)
+    loaded = loading.load_model(regression)
     assert loaded.task == "regression" and list(loaded.class_names) == targets_7
     assert predict.main([str(videos / "moving.mp4"), "--checkpoint", str(regression), "--out", str(tmp_path)]) == 2
     assert "task='regression'" in capsys.readouterr().err
@@ -397,7 +397,7 @@ def test_visualize_mae_on_shards_and_video(workspace, shards, tmp_path, capsys):
                                str(tmp_path / "y.png")]) == 2
 
     # the model's own mask generator: LGI band contract, the configured ratio
-    loaded = inference.load_model(checkpoint)
+    loaded = loading.load_model(checkpoint)
     mask = inference.make_mask(PRETRAIN_CFG, 0)
     assert mask.shape == (PRETRAIN_CFG.num_tokens,) and mask.mean() == 0.75
     clip, clip_id = visualize_mae.clip_from_shards(str(shards), loaded, 2)
@@ -413,15 +413,15 @@ def test_visualize_mae_on_shards_and_video(workspace, shards, tmp_path, capsys):
 
 def test_pretrain_encoder_as_feature_backbone(workspace):
     """extract with a pre-train checkpoint: its encoder in the fine-tune model, fc_norm a plain LayerNorm."""
-    pre = inference.load_model(workspace["root"] / "pretrain")
-    backbone = inference.as_backbone(pre)
+    pre = loading.load_model(workspace["root"] / "pretrain")
+    backbone = loading.as_backbone(pre)
     assert backbone.cfg.mode == "finetune" and backbone.cfg.embed_dim == 32 and not backbone.head_trained
     encoder = workspace["pre_params"]["encoder"]
     for name in ("blocks_0", "lg_region_tokens", "patch_embed"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, backbone.params[name], encoder[name])
     np.testing.assert_array_equal(backbone.params["fc_norm"]["scale"], np.ones(32, np.float32))
     np.testing.assert_array_equal(backbone.params["fc_norm"]["bias"], np.zeros(32, np.float32))
-    assert inference.as_backbone(backbone) is backbone
+    assert loading.as_backbone(backbone) is backbone
 
 
 # ---------------------------------------------------------------------------------------------------------------

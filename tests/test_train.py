@@ -255,9 +255,9 @@ def test_final_eval_outputs_and_eval_mode(tmp_path, tiny_data):
     assert (work / "tb").is_dir() and (work / "metrics.jsonl").exists()
     logged = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert all(0 <= row["perf/input_wait_fraction"] <= 1 for row in logged if "train/loss" in row)
-    from facemae_jax import inference  # the export is what predict / extract load
+    from facemae_jax import loading  # the export is what predict / extract load
 
-    loaded = inference.load_model(str(work))
+    loaded = loading.load_model(str(work))
     assert loaded.task == "classification" and loaded.sampling_rate == 2 and len(loaded.class_names) == 7
     e = _launch(config, str(tmp_path / "evalonly"), "--mode=eval", f"--checkpoint={work}")
     assert e.returncode == 0, e.stdout + e.stderr
