@@ -83,13 +83,13 @@ def run_job(config, workdir: str, mode: str, checkpoint: str | None):
         results = {}
         for name in config.stage_order:
             stage = copy.deepcopy(config.stages[name])
-            if stage.get("init_from", "").startswith("@"):
+            if stage.init_from.startswith("@"):
                 with stage.unlocked():
                     stage.init_from = os.path.join(workdir, stage.init_from[1:])
             print(f"===== stage {name} =====", flush=True)
             results[name] = run_job(stage, os.path.join(workdir, name), mode, checkpoint)
         return results
-    if config.get("kfold", 0) and mode == "train":
+    if config.kfold and mode == "train":
         return run_kfold(config, workdir)
     return train.run(config, workdir, mode=mode, checkpoint=checkpoint)
 

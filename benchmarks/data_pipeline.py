@@ -203,6 +203,7 @@ def device_augment_cost(model_name: str, overrides: dict, batch: int, repeats: i
 
     from facemae_jax import augment, randaugment, sharding, steps, targets
     from facemae_jax.models import create_model, get_config
+    from configs.base import base_config
     from facemae_jax.train import create_state
 
     cfg = get_config(model_name, **overrides)
@@ -223,7 +224,7 @@ def device_augment_cost(model_name: str, overrides: dict, batch: int, repeats: i
         k_ra, k_erase, k_mix = jax.random.split(key, 3)
         x = targets.normalize_video(augment.device_video_augment(video, crop_box, flip, k_ra, ra, s))
         x = augment.random_erase(x, erase_box, k_erase)
-        y = augment.smoothed_one_hot(label, cfg.num_classes, 0.1)
+        y = optax.smooth_labels(jax.nn.one_hot(label, cfg.num_classes, dtype=jnp.float32), 0.1)
         return augment.mixup_cutmix(x, y, k_mix, **mix)[:2]
 
     def timed(fn, *args) -> tuple[float, float, float]:
@@ -247,7 +248,7 @@ def device_augment_cost(model_name: str, overrides: dict, batch: int, repeats: i
     model = create_model(cfg)
     tx = optax.adamw(1e-4)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    state, _ = create_state(model, cfg, tx, mesh, sharding.DEFAULT_RULES, 0, None)
+    state, _ = create_state(model, cfg, tx, mesh, base_config().sharding_rules, 0, None)
     step = jax.jit(steps.make_finetune_step(model, cfg, tx, 0, mixup=mix))
     device_batch = {k: jnp.asarray(v) for k, v in host.items()}
     compiled = step.lower(state, device_batch).compile()

@@ -84,8 +84,8 @@ def step_part(reduced: bool, batch: int) -> list[dict]:
                 r = {"case": case, "attention_impl": attention_impl, "remat": remat,
                      "error": f"{type(e).__name__}: {e}"}
             rows.append(r)
-            print(f"  {json.dumps({k: r.get(k) for k in ('case', 'attention_impl', 'remat', 'step_s_median', 'clips_per_s', 'mfu', 'error')})}",
-                  flush=True)
+            keys = ("case", "attention_impl", "remat", "step_s_median", "clips_per_s", "mfu", "error")
+            print(f"  {json.dumps({k: r.get(k) for k in keys})}", flush=True)
     return rows
 
 

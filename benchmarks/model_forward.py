@@ -58,8 +58,9 @@ def main(argv=None) -> int:
     for name in args.models:
         r = bench(name, args.batch, args.repeats)
         rows.append(r)
-        print(f"{r['model']:<52} {r['params']:>12,} params  out {r['output_shape']}  first call {r['first_call_s']:6.1f}s"
-              f"  median {r['median_s']:.3f}s  {r['clips_per_s']:.2f} clips/s", flush=True)
+        print(f"{r['model']:<52} {r['params']:>12,} params  out {r['output_shape']}  "
+              f"first call {r['first_call_s']:6.1f}s  median {r['median_s']:.3f}s  {r['clips_per_s']:.2f} clips/s",
+              flush=True)
     meta = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
             "cpu_count": __import__("os").cpu_count(), "machine": platform.machine(), "jax": jax.__version__}
     if args.out:

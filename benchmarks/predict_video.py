@@ -119,7 +119,7 @@ def run_predict(video: str, checkpoint: str, out: str, extra: list[str]) -> dict
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     wall = time.perf_counter() - started
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH ")), None)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith("BENCH ")), None)
     if line is None:
         raise RuntimeError(f"predict failed:\n{proc.stdout}\n{proc.stderr}")
     info = json.loads(line[6:])

@@ -69,7 +69,7 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     """-> (jitted step, state, batch, model config): the trainer's step for the case's job config."""
     import importlib
 
-    from facemae_jax import train
+    from facemae_jax import tasks, train
     from facemae_jax.models import registry
 
     model_name, module, arg = CASES[case]
@@ -78,7 +78,8 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     cfg = registry.get_config(TINY[case] if tiny else model_name, dtype=dtype, attention_impl=attention_impl,
                               remat=remat)
     model = registry.create_model(cfg)
-    tx, _, _, _ = train.schedule_and_optimizer(config, cfg, registry.abstract_params(model), 1000, batch)
+    task = tasks.for_config(config, cfg)
+    tx, _, _, _ = train.schedule_and_optimizer(task, registry.abstract_params(model), 1000, batch)
     params = registry.init_params(registry.create_model(cfg.replace(attention_impl="xla")), jax.random.key(0))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     rng = np.random.default_rng(0)
@@ -89,7 +90,7 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     else:
         data["label"] = rng.integers(0, cfg.num_classes, (batch,), dtype=np.int32)
         data["erase_box"] = np.tile(np.array([[20, 30, 40, 50]], np.int32), (batch, 1))
-    return jax.jit(train.make_train_step(config, model, cfg, tx), donate_argnums=0), state, data, cfg
+    return jax.jit(task.train_step(model, tx), donate_argnums=0), state, data, cfg
 
 
 def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,

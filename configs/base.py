@@ -2,6 +2,13 @@
 misspelt key on the command line (``--config.optim.base_lrr=1``) fails loudly instead of being ignored.
 
 Defaults = the published fine-tuning recipe (FINETUNING.md §1); pre-training configs override the optimiser.
+
+This file is the single source of defaults: the code reads ``config.x`` (never ``config.get("x", default)``), and the
+pipelines' option objects take no defaults for anything set here. "Off" is the empty value of a key's type, so it can
+be written on the command line: ``""`` for a string (``--config.data.rand_augment=``), ``()`` for a tuple
+(``--config.data.crop_scale='()'``), ``0`` for a count or interval; keys that hold an optional number are
+placeholders whose default ``None`` is off. The one place that turns these into the pipelines' ``None`` is
+``facemae_jax/tasks.py``.
 """
 
 from ml_collections import ConfigDict, config_dict

@@ -29,12 +29,6 @@ def random_erase(x: jax.Array, boxes: jax.Array, rng: jax.Array) -> jax.Array:
     return jnp.where(region, noise, x)
 
 
-def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-    off = smoothing / num_classes
-    on = 1.0 - smoothing + off
-    return jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) > 0, on, off)
-
-
 def mixup_cutmix(
     x: jax.Array,
     targets: jax.Array,

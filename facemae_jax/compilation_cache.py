@@ -26,8 +26,8 @@ def enable(directory: str) -> str | None:
         return None
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         if env:
-            raise RuntimeError("JAX_COMPILATION_CACHE_DIR is set, but jax 0.10.2's persistent cache hangs multi-process "
-                               "CPU (gloo) runs: unset it for this run")
+            raise RuntimeError("JAX_COMPILATION_CACHE_DIR is set, but jax 0.10.2's persistent cache hangs "
+                               "multi-process CPU (gloo) runs: unset it for this run")
         print("[compile cache] off: multi-process CPU runs hang on cached executables (jax 0.10.2, gloo)",
               flush=True)
         return None

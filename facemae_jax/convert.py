@@ -30,6 +30,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from flax import traverse_util
 
 from facemae_jax import naming
 from facemae_jax.models.config import ModelConfig
@@ -58,7 +59,7 @@ def _tied(cfg: ModelConfig) -> dict[str, str]:
 def expected_torch_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{reference key: reference shape} of the model's full state_dict, shared modules listed under both names."""
     out: dict[str, tuple[int, ...]] = {}
-    for path, leaf in naming.flatten(_abstract(cfg)):
+    for path, leaf in traverse_util.flatten_dict(_abstract(cfg)).items():
         shape = tuple(leaf.shape)
         if path[-1] == "kernel" and len(shape) in _TO_TORCH:
             shape = tuple(shape[i] for i in _TO_TORCH[len(shape)])
@@ -84,7 +85,8 @@ def torch_to_flax(
 ) -> tuple[dict, list[str]]:
     """-> (params, missing keys that matched ``allow_missing`` prefixes). Raises ConversionError otherwise."""
     abstract = _abstract(cfg)
-    expected = {naming.flax_path_to_torch(p): (p, leaf.shape) for p, leaf in naming.flatten(abstract)}
+    flat = traverse_util.flatten_dict(abstract)
+    expected = {naming.flax_path_to_torch(p): (p, leaf.shape) for p, leaf in flat.items()}
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     problems: list[str] = []
 
@@ -125,13 +127,13 @@ def torch_to_flax(
     if problems:
         raise ConversionError(f"{source} does not fit model (family={cfg.family}, mode={cfg.mode}, "
                               f"embed_dim={cfg.embed_dim}):\n" + "\n".join(problems))
-    return naming.unflatten(flat), allowed
+    return traverse_util.unflatten_dict(flat), allowed
 
 
 def flax_to_torch(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Flax params -> reference state_dict (names, layouts, and duplicated entries of shared modules)."""
     out: dict[str, np.ndarray] = {}
-    for path, leaf in naming.flatten(params):
+    for path, leaf in traverse_util.flatten_dict(params).items():
         arr = np.asarray(leaf)
         if path[-1] == "kernel" and arr.ndim in _TO_TORCH:
             arr = arr.transpose(_TO_TORCH[arr.ndim])
@@ -185,12 +187,12 @@ def pretrain_to_finetune(
         sd.pop("head.weight")
         sd.pop("head.bias", None)
     params, initialised = torch_to_flax(sd, cfg, allow_missing=("fc_norm.", "head."), source=source)
-    flat = dict(naming.flatten(params))
+    flat = traverse_util.flatten_dict(params)
     wanted = set(initialised)
-    for path, leaf in naming.flatten(fresh):
+    for path, leaf in traverse_util.flatten_dict(fresh).items():
         if naming.flax_path_to_torch(path) in wanted:
             flat[path] = np.asarray(leaf)
-    params = naming.unflatten(flat)
+    params = traverse_util.unflatten_dict(flat)
     return params, {"dropped": dropped, "initialised": sorted(initialised)}
 
 

@@ -28,7 +28,8 @@ def _gather(x: np.ndarray) -> np.ndarray:
 def run_eval(eval_fn, params, pipeline, mesh, *, task: str, class_names: Sequence[str] | None = None,
              target_names: Sequence[str] | None = None, out_dir: str | None = None, tag: str = "eval",
              progress: bool = True) -> dict[str, Any]:
-    """Run ``eval_fn(params, batch) -> per-row logits (or regression outputs)`` over the whole eval pipeline and compute the metrics."""
+    """Run ``eval_fn(params, batch) -> per-row logits (or regression outputs)`` over the whole eval pipeline and
+    compute the metrics."""
     rows: dict[str, list[np.ndarray]] = {"out": [], "clip": [], "view": [], "valid": [], "label": []}
     it = iter(pipeline)
     total = pipeline.num_batches
@@ -41,7 +42,7 @@ def run_eval(eval_fn, params, pipeline, mesh, *, task: str, class_names: Sequenc
         for _ in range(total):
             batch = next(it)
             dev = sharding.put_batch({"video": batch["video"]}, mesh)
-            out = np.asarray(jax.device_get(_local(eval_fn(params, dev))))
+            out = sharding.local_rows(eval_fn(params, dev), mesh)
             rows["out"].append(out)
             rows["clip"].append(batch["clip_index"])
             rows["view"].append(batch["view"])
@@ -79,11 +80,6 @@ def run_eval(eval_fn, params, pipeline, mesh, *, task: str, class_names: Sequenc
         with open(os.path.join(out_dir, f"{tag}_metrics.json"), "w") as f:
             json.dump(result, f, indent=2, default=_json_default)
     return result
-
-
-def _local(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array (in the order of its local batch)."""
-    return sharding.local_rows(x)
 
 
 def _json_default(o):

@@ -84,8 +84,8 @@ def extract_videos(videos: Sequence[str], loaded: LoadedModel, forward: inferenc
             stream.find_faces()
 
             def clips() -> Iterator[np.ndarray]:
-                for item in stream.windows():
-                    meta.append((item.track_id, item.window))
+                for item in stream.windows():  # noqa: B023  (consumed before the loop moves on)
+                    meta.append((item.track_id, item.window))  # noqa: B023
                     yield item.clip
 
             out = forward(clips(), desc=f"windows {os.path.basename(path)}")

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -302,7 +302,8 @@ def add_model_args(ap: argparse.ArgumentParser, *, pretrain: bool = False) -> No
     kind = "pre-train model: " if pretrain else ""
     ap.add_argument("--checkpoint", required=True, help=f"{kind}converted dir, training workdir, or official .pth/.npz")
     ap.add_argument("--model", default=None,
-                    help=f"registered {'pre-train ' if pretrain else ''}model name (needed for official checkpoint files)")
+                    help=f"registered {'pre-train ' if pretrain else ''}model name (needed for official checkpoint "
+                         "files)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="ModelConfig field of an official checkpoint's model that differs from the registered "
                          "one (repeatable), as in facemae_jax.convert")

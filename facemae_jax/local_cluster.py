@@ -1,6 +1,7 @@
 """Start N cooperating JAX processes on this machine, as the hosts of a pod would run (a rehearsal).
 
-    python -m facemae_jax.local_cluster --processes 2 --devices_per_process 4 -- launch.py --config=configs/smoke.py --workdir=DIR
+    python -m facemae_jax.local_cluster --processes 2 --devices_per_process 4 -- \
+        launch.py --config=configs/smoke.py --workdir=DIR
 
 Everything after ``--`` is the Python command line each process runs (``python <that>``). Each process gets the
 environment a pod host would have: ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES``,

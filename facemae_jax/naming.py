@@ -16,7 +16,6 @@ spec uses.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Mapping
 
 _LIST_ITEM = re.compile(r"^(.+)_(\d+)$")
 _WEIGHT_LEAVES = ("kernel", "scale")
@@ -45,28 +44,3 @@ def torch_module_path(key: str) -> tuple[tuple[str, ...], str]:
         else:
             out.append(c)
     return tuple(out), comps[-1]
-
-
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """Yield (path, leaf) for a nested dict of parameters, in sorted key order."""
-    for k in sorted(tree):
-        v = tree[k]
-        if isinstance(v, Mapping):
-            yield from flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def unflatten(items: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in items.items():
-        d = out
-        for c in path[:-1]:
-            d = d.setdefault(c, {})
-        d[path[-1]] = v
-    return out
-
-
-def torch_names(tree: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """{torch key: flax path} for every leaf of a parameter tree."""
-    return {flax_path_to_torch(p): p for p, _ in flatten(tree)}

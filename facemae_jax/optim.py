@@ -11,8 +11,9 @@ the reference writes them — including its name-matching accidents (QUIRKS Q10,
 PyTorch AdamW per group, per step (PRETRAINING §4.1):
     p <- p - lr*s*wd*p - lr*s * m_hat / (sqrt(v_hat) + eps)
 which is optax ``scale_by_adam`` (eps outside the sqrt, eps_root 0) -> ``scale_by_learning_rate(lr*s)`` ->
-``decoupled_weight_decay_as_torch`` (the decay with PyTorch's float32 multiplier). Parameters the reference never updates (frozen, or the SVFAP pre-train dead
-path whose gradient is None, Q4) go to ``optax.set_to_zero``: no update, no decay, no optimiser state.
+``decoupled_weight_decay_as_torch`` (the decay with PyTorch's float32 multiplier). Parameters the reference never
+updates (frozen, or the SVFAP pre-train dead path whose gradient is None, Q4) go to ``optax.set_to_zero``: no update,
+no decay, no optimiser state.
 """
 
 from __future__ import annotations
@@ -352,9 +353,9 @@ def decoupled_weight_decay_as_torch(group_lr: optax.Schedule,
     intended ``lr*wd*p`` by up to half a float32 ulp of 1 (3e-8) — 0.4% of the decay itself at lr*wd = 8e-6. On a
     tensor that only decays (zero gradient, e.g. the last LGI block's global-to-local attention under region
     pooling) that is the whole weight change, and optax's ``add_decayed_weights`` (the exact ``lr*wd*p``) missed
-    the reference there by 6e-4 relative (steps golden; now bit-identical). Here the update is ``p*float32(1 - lr*wd) - p``, which is
-    exact in float32 (Sterbenz: ``p*c`` is within a factor 2 of ``p``), so ``p + update`` is the reference's
-    multiplied weight before the adam part is added.
+    the reference there by 6e-4 relative (steps golden; now bit-identical). Here the update is
+    ``p*float32(1 - lr*wd) - p``, which is exact in float32 (Sterbenz: ``p*c`` is within a factor 2 of ``p``), so
+    ``p + update`` is the reference's multiplied weight before the adam part is added.
     """
 
     def init(params):

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 TOLERANCE = 1e-4
 
@@ -200,7 +201,7 @@ def check_file(path: str) -> tuple[dict[str, float], str]:
             errs["decoder_pos_embed"] = rel(sinusoid_table(cfg.num_tokens, cfg.decoder_embed_dim),
                                             z["aux/decoder_pos_embed"])
     captured = {}
-    for p, v in naming.flatten(state.get("intermediates", {})):
+    for p, v in traverse_util.flatten_dict(state.get("intermediates", {})).items():
         if p[-1] == "__call__":
             captured[naming.flax_path_to_torch(p[:-1] + ("x",))[:-2]] = v
     for name in sorted(wanted):

@@ -123,7 +123,7 @@ def run_train_steps(path: str) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from facemae_jax import convert, train
+    from facemae_jax import convert, tasks, train
     from facemae_jax.models import registry
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -135,14 +135,15 @@ def run_train_steps(path: str) -> dict[str, Any]:
     before = {k[len("param/"):]: z[k].astype(np.float32) for k in z.files if k.startswith("param/")}
     params, _ = convert.torch_to_flax(before, cfg, source=path)
     model = registry.create_model(cfg)
+    task = tasks.for_config(config, cfg)
     tx, report, lr_table, _ = train.schedule_and_optimizer(
-        config, cfg, registry.abstract_params(model), int(r["steps_per_epoch"]), config.batch_size)
+        task, registry.abstract_params(model), int(r["steps_per_epoch"]), config.batch_size)
     video = _input_video(path, meta)
     if cfg.mode == "finetune":
         batch = {"video": video, "label": z["label"].astype(np.int32)}
     else:
         batch = {"video": video, "mask": z["mask"].astype(bool)}
-    step = jax.jit(train.make_train_step(config, model, cfg, tx))
+    step = jax.jit(task.train_step(model, tx))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     losses = []
     for _ in range(int(r["steps"])):

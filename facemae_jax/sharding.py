@@ -1,37 +1,37 @@
-"""Mesh from the config, parameter shardings from logical-axis rules, and batch placement.
+"""Mesh from the config, parameter / optimiser-state shardings from logical-axis rules, and batch placement.
 
-The mesh always has the axes ``('data', 'fsdp')``. Batches are split over both (every device gets a distinct
-slice of the global batch); parameters and optimiser state are sharded over ``'fsdp'`` by the rules below and
-replicated over ``'data'``. With ``fsdp = 1`` this is plain data parallelism; with ``data = 1`` it is pure FSDP
-(ZeRO-3 style: XLA all-gathers each weight where it is used and reduce-scatters its gradient).
+The mesh always has the axes ``('data', 'fsdp')`` (``jax.make_mesh``, Auto axis types: shardings propagate through
+the step). Batches are split over both (every device gets a distinct slice of the global batch); parameters and
+optimiser state are sharded over ``'fsdp'`` by the rules and replicated over ``'data'``. With ``fsdp = 1`` this is
+plain data parallelism; with ``data = 1`` it is pure FSDP (ZeRO-3 style: XLA all-gathers each weight where it is
+used and reduce-scatters its gradient).
 
-Rules are data (``config.sharding_rules``): a list of ``(logical axis, mesh axis or None)`` pairs, first match
-wins, unknown logical axes are replicated. A dimension that the mesh axis does not divide is replicated instead
-(so tiny test models run on any mesh); ``describe`` reports what was sharded.
+Rules are data (``config.sharding_rules``): ``(logical axis, mesh axis | tuple of mesh axes | None)`` pairs,
+resolved by flax's ``nn.logical_to_mesh_axes`` (priority order, a mesh axis used once per array). On top of that one
+rule of this project: a dimension that its mesh axes do not divide is replicated instead, so tiny test models run on
+any mesh; ``describe`` reports what was sharded. The optimiser state mirrors the parameters' shardings
+(``optax.tree_map_params``); its counters are replicated.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("embed", "fsdp"),
-    ("hidden", None),
-    ("classes", None),
-    ("norm", None),
-)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp') mesh over all devices; one of the sizes may be -1 (= the rest)."""
-    devices = list(devices if devices is not None else jax.devices())
-    n = len(devices)
+    n = len(devices) if devices is not None else jax.device_count()
     if data == -1 and fsdp == -1:
         raise ValueError("at most one of mesh.data / mesh.fsdp may be -1")
     if data == -1:
@@ -40,40 +40,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         fsdp = n // data
     if data * fsdp != n or data <= 0 or fsdp <= 0:
         raise ValueError(f"mesh ({data} data x {fsdp} fsdp) does not cover the {n} devices present")
-    try:
-        from jax.experimental import mesh_utils
-
-        arr = mesh_utils.create_device_mesh((data, fsdp), devices=devices)
-    except Exception:  # non-TPU topologies without a known physical layout
-        arr = np.asarray(devices).reshape(data, fsdp)
-    return Mesh(arr, MESH_AXES)
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def _mesh_axis_for(logical: str | None, rules: Sequence[Sequence[Any]]) -> str | None:
-    if logical is None:
-        return None
-    for name, axis in rules:
-        if name == logical:
-            return axis
-    return None
+def _axis_size(mesh: Mesh, axis: str | tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
 
 
 def spec_for(logical_spec: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
              rules: Sequence[Sequence[Any]]) -> P:
-    """Logical PartitionSpec -> mesh PartitionSpec; undividable dims and reused mesh axes are replicated."""
-    out: list[str | None] = []
-    used: set[str] = set()
-    for dim, logical in zip(shape, logical_spec):
-        axis = _mesh_axis_for(logical, rules)
-        if axis is not None and (axis in used or dim % mesh.shape[axis] != 0):
-            axis = None
-        if axis is not None:
-            used.add(axis)
-        out.append(axis)
-    return P(*out)
+    """Logical axis names -> mesh PartitionSpec (flax's rule resolution); dimensions their mesh axes do not divide
+    are replicated."""
+    rules = tuple((name, tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
+    mesh_axes = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
+    return P(*(axis if axis is not None and dim % _axis_size(mesh, axis) == 0 else None
+               for dim, axis in zip(shape, mesh_axes)))
 
 
-def param_shardings(logical: Any, abstract: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] = DEFAULT_RULES) -> Any:
+def param_shardings(logical: Any, abstract: Any, mesh: Mesh, rules: Sequence[Sequence[Any]]) -> Any:
     """Trees of logical PartitionSpecs and shapes -> tree of NamedShardings."""
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     return jax.tree_util.tree_map(
@@ -84,8 +68,16 @@ def param_shardings(logical: Any, abstract: Any, mesh: Mesh, rules: Sequence[Seq
     )
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+def state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_sh: Any, mesh: Mesh) -> dict:
+    """Shardings of the whole train state ``{"params", "opt_state", "step"}``: optimiser moments like their
+    parameters, everything else (counters, schedules' state) replicated. Passed as ``out_shardings`` when the state
+    is created, so nothing is left to propagation and no host ever holds the whole state."""
+    replicated = NamedSharding(mesh, P())
+    opt_abstract = jax.eval_shape(tx.init, abstract_params)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (a group's placeholder for other params)
+    opt_sh = optax.tree_map_params(tx, lambda leaf, sh: leaf if masked(leaf) else sh, opt_abstract, param_sh,
+                                   transform_non_params=lambda _: replicated, is_leaf=masked)
+    return {"params": param_sh, "opt_state": opt_sh, "step": replicated}
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -94,6 +86,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def global_batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def local_batch_size(global_batch: int, mesh) -> int:
+    div = global_batch_divisor(mesh)
+    if global_batch % div:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {div} devices of the mesh's batch axes "
+                         f"{dict(mesh.shape)}: change the batch size (batch_size / eval.batch_size) or config.mesh")
+    if global_batch % jax.process_count():
+        raise ValueError(f"global batch {global_batch} not divisible by {jax.process_count()} processes")
+    return global_batch // jax.process_count()
 
 
 def process_batch_block(mesh: Mesh) -> int:
@@ -122,15 +124,13 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in the order of its local batch (replicas of a row
-    block on several local devices, e.g. over 'fsdp' when an output is not sharded that way, count once)."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    blocks = {}
-    for shard in x.addressable_shards:
-        blocks.setdefault(shard.index[0].start or 0, shard)
-    return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)])
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order of its local batch (the inverse of
+    ``put_batch``)."""
+    from jax.experimental import multihost_utils
+
+    spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
 
 
 def to_host(tree: Any) -> Any:
@@ -152,6 +152,6 @@ def describe(shardings: Any, abstract: Any) -> str:
     for s, a in zip(jax.tree_util.tree_leaves(shardings), jax.tree_util.tree_leaves(abstract)):
         n = int(np.prod(a.shape))
         total += n
-        if any(ax is not None and s.mesh.shape[ax] > 1 for ax in s.spec):
+        if any(ax is not None and _axis_size(s.mesh, ax) > 1 for ax in s.spec):
             sharded += n
-    return f"{sharded / max(total, 1):.1%} of {total:,} parameter values sharded over 'fsdp'"
+    return f"{sharded / max(total, 1):.1%} of {total:,} parameter values sharded"

@@ -3,9 +3,9 @@
 State is a plain dict ``{"params", "opt_state", "step"}`` (orbax saves it as is). Each training step derives its
 random key from ``(seed, step)``, so a resumed run draws exactly the keys an uninterrupted one would.
 
-A non-finite loss, gradient or update does not corrupt the state: the update is skipped inside the step (params and optimiser state
-stay as they were) and ``metrics["finite"]`` is False; the trainer stops with a message at the next check, so the
-last saved checkpoint and the state in memory are both the last good ones.
+A non-finite loss, gradient or update does not corrupt the state: the update is skipped inside the step (params and
+optimiser state stay as they were) and ``metrics["finite"]`` is False; the trainer stops with a message at the next
+check, so the last saved checkpoint and the state in memory are both the last good ones.
 """
 
 from __future__ import annotations
@@ -37,20 +37,25 @@ def _finish(state: dict, grads: Any, loss: jax.Array, tx: optax.GradientTransfor
     return new_state, metrics
 
 
+def pretrain_inputs(batch: dict, cfg: ModelConfig, frame_diff: bool) -> tuple[jax.Array, jax.Array]:
+    """batch {"video": uint8 [B,T,H,W,3], "mask": bool [B,N]} -> (normalised model input, reconstruction targets
+    [B, Nm, patch_dim] of the masked tokens). Targets come from the uint8 pixels / 255 (the reference recovers the
+    same values as x*std + mean, up to float rounding). Shared by the training and the evaluation step."""
+    pixels = batch["video"]
+    x = targets.normalize_video(pixels).astype(jnp.dtype(cfg.dtype))
+    _, mask_idx = split_mask(batch["mask"], num_visible_tokens(cfg))
+    tgt = targets.reconstruction_targets(pixels.astype(jnp.float32) / 255.0, mask_idx, patch=cfg.patch_size,
+                                         tubelet=cfg.tubelet_size, frame_diff=frame_diff)
+    return x, tgt
+
+
 def make_pretrain_step(model, cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, *,
                        frame_diff: bool, diff_weight: float | None = None) -> Callable:
-    """batch: {"video": uint8 [B,T,H,W,3], "mask": bool [B,N]} -> (state, metrics). Targets come from the uint8
-    pixels / 255 (the reference recovers the same values as x*std + mean, up to float rounding)."""
-    nv = num_visible_tokens(cfg)
-    dtype = jnp.dtype(cfg.dtype)
+    """batch: {"video": uint8 [B,T,H,W,3], "mask": bool [B,N]} -> (state, metrics)."""
 
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-        pixels = batch["video"]
-        x = targets.normalize_video(pixels).astype(dtype)
-        _, mask_idx = split_mask(batch["mask"], nv)
-        tgt = targets.reconstruction_targets(pixels.astype(jnp.float32) / 255.0, mask_idx, patch=cfg.patch_size,
-                                             tubelet=cfg.tubelet_size, frame_diff=frame_diff)
+        x, tgt = pretrain_inputs(batch, cfg, frame_diff)
 
         def loss_fn(params):
             pred = model.apply({"params": params}, x, batch["mask"], train=True, rngs={"dropout": rng})
@@ -68,11 +73,6 @@ def zero_prediction_loss(target: jax.Array, diff_weight: float | None = None) ->
     A pre-training loss that stays at this value means the model has learned nothing beyond the targets' mean
     (0 by construction); the trainer logs ``loss / zero_loss`` so that is visible at a glance."""
     return targets.reconstruction_loss(jnp.zeros_like(target), target, diff_weight)
-
-
-def classification_loss(logits: jax.Array, soft_targets: jax.Array) -> jax.Array:
-    """Soft-target cross entropy, mean over the batch (timm SoftTargetCrossEntropy)."""
-    return jnp.mean(jnp.sum(-soft_targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1))
 
 
 def make_finetune_step(model, cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, *,
@@ -96,7 +96,9 @@ def make_finetune_step(model, cfg: ModelConfig, tx: optax.GradientTransformation
             x = augment.random_erase(x, batch["erase_box"], k_erase)
         extra = {}
         if task == "classification":
-            y = augment.smoothed_one_hot(batch["label"], cfg.num_classes, label_smoothing)
+            # timm's smoothing: off = eps / K, on = 1 - eps + eps / K (= optax.smooth_labels of the one-hot)
+            y = optax.smooth_labels(jax.nn.one_hot(batch["label"], cfg.num_classes, dtype=jnp.float32),
+                                    label_smoothing)
             if mixup:
                 x, y, info = augment.mixup_cutmix(x, y, k_mix, **mixup)
                 extra["mix_lambda"] = info["mix_lambda"]
@@ -107,7 +109,8 @@ def make_finetune_step(model, cfg: ModelConfig, tx: optax.GradientTransformation
         def loss_fn(params):
             out = model.apply({"params": params}, x, train=True, rngs={"dropout": k_drop})
             if task == "classification":
-                return classification_loss(out, y)
+                # soft-target cross entropy, mean over the batch (timm SoftTargetCrossEntropy)
+                return jnp.mean(optax.softmax_cross_entropy(out.astype(jnp.float32), y))
             if regression_loss == "mse":
                 return jnp.mean(jnp.square(out - y))
             if regression_loss == "l1":
@@ -135,14 +138,9 @@ def make_eval_step(model, cfg: ModelConfig) -> Callable:
 def make_pretrain_eval_step(model, cfg: ModelConfig, *, frame_diff: bool) -> Callable:
     """(params, batch) -> (loss, zero-prediction loss, predictions) without dropout, for the reconstruction
     figure and the eval loss."""
-    nv = num_visible_tokens(cfg)
 
     def step(params, batch):
-        pixels = batch["video"]
-        x = targets.normalize_video(pixels).astype(jnp.dtype(cfg.dtype))
-        _, mask_idx = split_mask(batch["mask"], nv)
-        tgt = targets.reconstruction_targets(pixels.astype(jnp.float32) / 255.0, mask_idx, patch=cfg.patch_size,
-                                             tubelet=cfg.tubelet_size, frame_diff=frame_diff)
+        x, tgt = pretrain_inputs(batch, cfg, frame_diff)
         pred = model.apply({"params": params}, x, batch["mask"], train=False)
         return targets.reconstruction_loss(pred, tgt), zero_prediction_loss(tgt), pred
 

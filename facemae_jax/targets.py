@@ -8,6 +8,7 @@ normalisation): the appearance + motion target. Everything runs on device under 
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -17,10 +18,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def patchify(pixels: jax.Array, patch: int, tubelet: int) -> jax.Array:
     """``[B, T, H, W, C]`` -> ``[B, N, tubelet*patch*patch, C]``; pixel index q = (p0*patch + p1)*patch + p2."""
-    b, t, h, w, c = pixels.shape
-    x = pixels.reshape(b, t // tubelet, tubelet, h // patch, patch, w // patch, patch, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch, c)
+    return einops.rearrange(pixels, "b (t p0) (h p1) (w p2) c -> b (t h w) (p0 p1 p2) c", p0=tubelet, p1=patch,
+                            p2=patch)
 
 
 def normalized_patch_targets(pixels01: jax.Array, patch: int, tubelet: int, frame_diff: bool,

@@ -1,6 +1,8 @@
 """The trainer: pre-training, fine-tuning and evaluation from one config (read top to bottom).
 
-``run(config, workdir, mode)`` is what ``launch.py`` calls. One code path from one CPU to a pod:
+``run(config, workdir, mode)`` is what ``launch.py`` calls. One code path from one CPU to a pod, and one for both
+kinds of job: what differs between pre-training and fine-tuning (pipeline, step, frozen tensors, evaluation, what
+the export predicts) is the job's :class:`~facemae_jax.tasks.Task`.
 
 1. mesh ('data', 'fsdp') from ``config.mesh``; parameters / optimiser state sharded by ``config.sharding_rules``;
    batches sharded over both axes, each process feeding its own rows;
@@ -18,7 +20,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -27,14 +28,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import linen as nn
 
 from data_pipelines import pipeline as pipelines
 from facemae_jax import checkpoint as ckpt_lib
-from data_pipelines import worker_autotune
-from facemae_jax import (compilation_cache, convert, distributed, evaluate, input_timing, optim, randaugment, sharding,
-                         steps)
+from facemae_jax import compilation_cache, convert, distributed, input_timing, loading, optim, sharding, tasks
 from facemae_jax.models import registry
 from facemae_jax.models.config import ModelConfig
 
@@ -49,14 +47,14 @@ class TrainingDiverged(FloatingPointError):
 
 
 def model_config(config) -> ModelConfig:
-    return registry.get_config(config.model.name, **dict(config.model.get("overrides", {}) or {}))
+    return registry.get_config(config.model.name, **dict(config.model.overrides))
 
 
 def ensure_dataset(config) -> str:
     """The dataset directory, built first when the config says how (the demo's synthetic data)."""
     d = os.path.abspath(os.path.expanduser(config.data.dir))
     info_path = os.path.join(d, "dataset_info.json")
-    synth = config.data.get("synthetic")
+    synth = config.data.synthetic
     if synth and jax.process_count() > 1:  # every process takes the barrier, whoever sees the data first
         if jax.process_index() == 0 and not os.path.exists(info_path):
             _build_synthetic(d, synth)
@@ -75,7 +73,7 @@ def ensure_dataset(config) -> str:
         return d
     raise FileNotFoundError(
         f"dataset directory {d!r} has no dataset_info.json. Build it first, e.g.\n"
-        f"  python -m data_pipelines.build {config.data.get('builder', 'NAME')} --out {d} ...\n"
+        f"  python -m data_pipelines.build {config.data.builder or 'NAME'} --out {d} ...\n"
         "(see README 'Data'), or point --config.data.dir at an existing one."
     )
 
@@ -95,133 +93,62 @@ def dataset_info(data_dir: str) -> dict:
     return records.load_dataset_info(data_dir)
 
 
-def loader_options(config, batch_bytes: int | None = None, log: bool = False) -> pipelines.LoaderOptions:
-    d = config.data
-    choice = worker_autotune.choose(d.get("worker_count", -1), d.get("prefetch_batches", -1),
-                                    d.get("worker_buffer_size", -1), batch_bytes=batch_bytes)
-    if log and jax.process_index() == 0:
-        print(choice.describe(), flush=True)
-    return pipelines.LoaderOptions(
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        worker_count=choice.worker_count,
-        read_threads=config.data.get("read_threads", 1),
-        prefetch_batches=choice.prefetch_batches,
-        worker_buffer_size=choice.worker_buffer_size,
-    )
+def train_pipeline(task: tasks.Task, data_dir: str, batch: int, mesh) -> pipelines.Pipeline:
+    """This process's share of every global batch: the rows its devices hold (= the 1-process batch row for row)."""
+    opts = tasks.loader_options(task.config, batch_bytes=batch * task.clip_bytes(), log=True)
+    opts = dataclasses.replace(opts, shard_index=sharding.process_batch_block(mesh))
+    return task.train_pipeline(data_dir, batch, opts)
 
 
-def local_batch_size(global_batch: int, mesh) -> int:
-    div = sharding.global_batch_divisor(mesh)
-    if global_batch % div:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {div} devices of the mesh's batch axes "
-                         f"{dict(mesh.shape)}: change the batch size (batch_size / eval.batch_size) or config.mesh")
-    if global_batch % jax.process_count():
-        raise ValueError(f"global batch {global_batch} not divisible by {jax.process_count()} processes")
-    return global_batch // jax.process_count()
-
-
-def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int, mesh=None) -> pipelines.Pipeline:
-    d = config.data
-    opts = loader_options(config, batch_bytes=batch * d.get("num_samples", 1) * cfg.num_frames * cfg.img_size**2 * 3,
-                          log=True)
-    if mesh is not None:  # feed the rows of the global batch this process's devices hold (= 1-process batches)
-        opts = dataclasses.replace(opts, shard_index=sharding.process_batch_block(mesh))
-    if config.task == "pretrain":
-        return pipelines.pretrain_pipeline(
-            data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
-            sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
-            tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
-            mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
-            num_samples=d.get("num_samples", 1), fixed_crop_size=d.get("fixed_crop_size"),
-            multiscale_scales=tuple(d.get("multiscale_scales", (1.0, 0.875, 0.75, 0.66))) or None,
-            multiscale_resize=d.get("multiscale_resize", "fast"), options=opts,
-        )
-    return pipelines.finetune_train_pipeline(
-        data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
-        sampling_rate=d.sampling_rate, image_size=cfg.img_size, rand_augment=d.get("rand_augment") or None,
-        crop_scale=tuple(d.crop_scale) if d.get("crop_scale") else None,
-        flip_probability=d.get("flip_probability", 0.5), erase_probability=d.get("erase_probability", 0.25),
-        rand_augment_on=d.get("rand_augment_on", "host"), dct_downscale=d.get("jpeg_dct_downscale", True),
-        options=opts,
-    )
-
-
-def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str, mesh) -> pipelines.Pipeline:
-    d = config.data
-    return pipelines.eval_pipeline(
-        data_dir, split=split, batch_size=local_batch_size(config.eval.batch_size, mesh), num_frames=cfg.num_frames,
-        sampling_rate=d.sampling_rate, image_size=cfg.img_size, num_segments=config.eval.num_segments,
-        num_crops=config.eval.num_crops, dct_downscale=d.get("jpeg_dct_downscale", True),
-        options=loader_options(config),
-    )
-
-
-def schedule_and_optimizer(config, cfg: ModelConfig, abstract_params, steps_per_epoch: int, global_batch: int):
-    o = config.optim
-    total = int(o.get("total_steps") or o.epochs * steps_per_epoch)
-    warmup = int(o.get("warmup_steps") or o.warmup_epochs * steps_per_epoch)
+def schedule_and_optimizer(task: tasks.Task, abstract_params, steps_per_epoch: int, global_batch: int):
+    cfg, o = task.cfg, task.config.optim
+    total = int(o.total_steps or o.epochs * steps_per_epoch)
+    warmup = int(o.warmup_steps or o.warmup_epochs * steps_per_epoch)
     peak = optim.scaled_lr(o.base_lr, global_batch)
     min_lr = optim.scaled_lr(o.min_lr, global_batch)
     table = optim.warmup_cosine_table(peak, min_lr, warmup, total)
-    rules = []
-    if config.task == "pretrain" and cfg.family == "tpsbt" and cfg.svfap_reverse_ctx == "full_embedding":
-        rules.append(lambda name: optim.svfap_pretrain_unused(name, cfg.stage_depths))  # Q4: no grad, no decay
-    trainable = tuple(o.get("trainable", ()) or ())
-    if trainable:  # e.g. a linear probe: everything else is frozen (no update, no decay, no optimiser state)
-        rules.append(lambda name: not name.startswith(trainable))
+    rules = task.frozen_rules()
     frozen = (lambda name: any(r(name) for r in rules)) if rules else None
-    skip = set(o.get("skip_weight_decay", ()))
     tx, report = optim.build_optimizer(
         abstract_params, schedule=optim.schedule_from_table(table), weight_decay=o.weight_decay,
-        betas=tuple(o.betas), eps=o.eps, layer_decay=o.get("layer_decay"),
-        num_layers=cfg.num_blocks if o.get("layer_decay") else None, skip_weight_decay=skip, frozen=frozen,
-        grad_clip=o.get("grad_clip"), corrected_region_token_decay=o.get("corrected_region_token_decay", False),
-        corrected_downsampler_layer_ids=o.get("corrected_downsampler_layer_ids", False),
+        betas=tuple(o.betas), eps=o.eps, layer_decay=o.layer_decay,
+        num_layers=cfg.num_blocks if o.layer_decay else None, skip_weight_decay=set(o.skip_weight_decay),
+        frozen=frozen, grad_clip=o.grad_clip, corrected_region_token_decay=o.corrected_region_token_decay,
+        corrected_downsampler_layer_ids=o.corrected_downsampler_layer_ids,
         stage_depths=cfg.stage_depths if cfg.family == "tpsbt" else None,
     )
     return tx, report, table, total
 
 
 def initial_params(config, cfg: ModelConfig) -> dict | None:
-    """Parameters to start fine-tuning from (``config.init_from``), or None for random init."""
-    src = config.get("init_from")
-    if not src:
+    """Parameters to start from (``config.init_from``: any source :mod:`facemae_jax.loading` reads), or None for
+    random init."""
+    if not config.init_from:
         return None
-    src = os.path.abspath(os.path.expanduser(src))
-    if os.path.isdir(src):
-        d = src if os.path.exists(os.path.join(src, convert.MODEL_JSON)) else os.path.join(src, "export")
-        params, src_cfg, _ = convert.load_converted(d)
-        sd = convert.flax_to_torch(params, src_cfg)
-    else:
-        from facemae_jax import torch_io
-
-        sd, _ = torch_io.load_state_dict(src)
-        sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
-    if cfg.mode == "finetune":
-        params, report = convert.pretrain_to_finetune(sd, cfg, rng_seed=config.seed, source=src)
-        print(f"[init] {src}: {len(report['dropped'])} keys dropped, initialised {report['initialised']}", flush=True)
-    else:
-        params, _ = convert.torch_to_flax(sd, cfg, source=src)
-        print(f"[init] {src}: all {len(sd)} tensors loaded", flush=True)
+    params, report = loading.load_params_into(config.init_from, cfg, seed=config.seed)
+    print(f"[init] {report}", flush=True)
     return params
 
 
 def create_state(model, cfg: ModelConfig, tx, mesh, rules, seed: int, init_params: dict | None):
-    """Fresh train state, created directly with its shardings (no full host copy for random init)."""
+    """Fresh train state, created under jit with explicit ``out_shardings`` (parameters by the rules, optimiser
+    moments like their parameters): no host ever holds the whole state, nothing is left to propagation."""
     abstract = registry.abstract_params(model)
     param_sh = sharding.param_shardings(registry.logical_axes(model), abstract, mesh, rules)
+    state_sh = sharding.state_shardings(tx, abstract, param_sh, mesh)
     example = registry.example_inputs(cfg, batch=1)
 
     def make(params):
-        params = jax.lax.with_sharding_constraint(params, param_sh)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     if init_params is None:
-        state = jax.jit(lambda key: make(nn.meta.unbox(model.init({"params": key, "dropout": key}, *example)["params"])))(
-            jax.random.key(seed))
+        def init(key):
+            return make(nn.meta.unbox(model.init({"params": key, "dropout": key}, *example)["params"]))
+
+        state = jax.jit(init, out_shardings=state_sh)(jax.random.key(seed))
     else:
-        state = jax.jit(make)(jax.device_put(jax.tree_util.tree_map(np.asarray, init_params), param_sh))
+        params = jax.device_put(jax.tree_util.tree_map(np.asarray, init_params), param_sh)
+        state = jax.jit(make, out_shardings=state_sh)(params)
     return state, param_sh
 
 
@@ -261,27 +188,6 @@ class Logger:
             self.jsonl.close()
 
 
-def _finetune_kwargs(config) -> dict[str, Any]:
-    f = config.finetune
-    mix = None
-    if f.get("mixup_alpha", 0) > 0 or f.get("cutmix_alpha", 0) > 0:
-        mix = dict(mixup_alpha=f.mixup_alpha, cutmix_alpha=f.cutmix_alpha, prob=f.mixup_prob,
-                   switch_prob=f.switch_prob)
-    on_device = config.data.get("rand_augment_on", "host") == "device" and config.data.get("rand_augment")
-    return dict(task=config.data.get("task", "classification"), label_smoothing=f.label_smoothing, mixup=mix,
-                regression_loss=f.get("regression_loss", "mse"),
-                rand_augment=randaugment.DeviceRandAugment.from_string(config.data.rand_augment) if on_device else None)
-
-
-def make_train_step(config, model, cfg: ModelConfig, tx):
-    """The (unjitted) step of this job: pre-training or fine-tuning, as ``run`` trains it (also what the parity
-    tool's training-step check and benchmarks/train_step.py run)."""
-    if config.task == "pretrain":
-        return steps.make_pretrain_step(model, cfg, tx, config.seed, frame_diff=config.pretrain.frame_diff,
-                                        diff_weight=config.pretrain.get("diff_weight"))
-    return steps.make_finetune_step(model, cfg, tx, config.seed, **_finetune_kwargs(config))
-
-
 def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -291,26 +197,26 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     if mode != "train":
         raise ValueError(f"unknown mode {mode!r} (train | eval | kfold)")
     cfg = model_config(config)
+    task = tasks.for_config(config, cfg)
     model = registry.create_model(cfg)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = [tuple(r) for r in config.sharding_rules]
     data_dir = ensure_dataset(config)
     info = dataset_info(data_dir)
-    batch = local_batch_size(config.batch_size, mesh)
-    train_pipe = train_pipeline(config, cfg, data_dir, batch, mesh)
+    batch = sharding.local_batch_size(config.batch_size, mesh)
+    train_pipe = train_pipeline(task, data_dir, batch, mesh)
     spe = train_pipe.steps_per_epoch
     if not spe:
         raise ValueError(f"split {config.data.train_split!r} has fewer clips than one global batch")
-    if config.get("final_eval", True) or config.get("eval_every_steps", 0):  # empty/missing: fail now, not at the end
-        pipelines.DatasetSplit.open(data_dir, config.data.get("eval_split") or config.data.train_split)
+    if config.final_eval or config.eval_every_steps:  # empty/missing: fail now, not at the end
+        pipelines.DatasetSplit.open(data_dir, config.data.eval_split or config.data.train_split)
     abstract = registry.abstract_params(model)
-    tx, opt_report, lr_table, total_steps = schedule_and_optimizer(config, cfg, abstract, spe, config.batch_size)
-    stop_at = int(config.optim.get("stop_after_steps") or 0) or (
-        int(config.optim.stop_after_epochs * spe) if config.optim.get("stop_after_epochs") else total_steps)
+    tx, opt_report, lr_table, total_steps = schedule_and_optimizer(task, abstract, spe, config.batch_size)
+    stop_at = int(config.optim.stop_after_steps) or int(config.optim.stop_after_epochs * spe) or total_steps
     stop_at = min(stop_at, total_steps)
 
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.get("async_save", True))
+                                 async_save=config.checkpoint.async_save)
     resume_step = ckpt.latest_step()
     init = initial_params(config, cfg) if resume_step is None else None
     state, param_sh = create_state(model, cfg, tx, mesh, rules, config.seed, init)
@@ -323,33 +229,31 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
         print(f"[resume] restored step {resume_step} from {ckpt.directory}", flush=True)
     start = int(jax.device_get(state["step"]))
 
-    task = config.data.get("task", "classification")
-    train_step = jax.jit(make_train_step(config, model, cfg, tx), donate_argnums=0)
+    train_step = jax.jit(task.train_step(model, tx), donate_argnums=0)
 
     is_main = jax.process_index() == 0
     if is_main:
         _write_run_summary(workdir, config, cfg, mesh, opt_report, info, spe, total_steps, stop_at, abstract,
                            param_sh)
     logger = Logger(workdir)
-    log_every = config.get("log_every_steps", 50)
-    eval_every = config.get("eval_every_steps", 0)
+    log_every, eval_every = config.log_every_steps, config.eval_every_steps
     ckpt_every = config.checkpoint.every_steps
     from data_pipelines import progress  # tqdm on a terminal, a plain line every few seconds in a log
 
     # an explicit disable= overrides tqdm's own TQDM_DISABLE handling, so honour it here (log files stay readable)
     quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    bar = progress.bar(total=stop_at, initial=start, desc=config.task, unit="step", disable=not is_main or quiet,
+    bar = progress.bar(total=stop_at, initial=start, desc=task.name, unit="step", disable=not is_main or quiet,
                dynamic_ncols=True)
     pending: list[tuple[int, dict]] = []
     window_losses: list[float] = []
     window_zero: list[float] = []  # pre-training: the zero-prediction baseline of the same batches
     t_window, clips_window = time.time(), 0
     input_wait = input_timing.InputWaitMeter()
+    eval_dir = os.path.join(workdir, "eval")
     result: dict[str, Any] = {}
 
     def drain(upto_all: bool) -> None:
         """Fetch finished steps' metrics (all, or all but the newest) and stop on a non-finite loss."""
-        nonlocal pending
         keep = 0 if upto_all else 1
         while len(pending) > keep:
             s, m = pending.pop(0)
@@ -371,7 +275,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
 
     last_metrics: dict[str, float] = {}
     preemption = distributed.PreemptionWatch()
-    audit = _ClipPositionLog(workdir, config, train_pipe, batch) if config.get("log_clip_positions") else None
+    audit = _ClipPositionLog(workdir, config, train_pipe, batch) if config.log_clip_positions else None
     try:
         for step in range(start, stop_at):
             batch_np = input_wait.next(it)
@@ -418,8 +322,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
                                             "command to resume")
             if eval_every and done % eval_every == 0 and done != stop_at:
                 drain(upto_all=True)
-                result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, done,
-                                       logger)
+                result = task.evaluate(model, state["params"], mesh, data_dir, info, eval_dir, done, logger)
         drain(upto_all=True)
         if ckpt.latest_step() != stop_at:  # a rerun of a finished job only re-evaluates and re-exports
             ckpt.save(stop_at, state, it.get_state(), force=True)
@@ -431,10 +334,9 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
         bar.close()
         it.close()
         ckpt.wait()
-    if config.get("final_eval", True):
-        result = periodic_eval(config, cfg, model, state["params"], mesh, data_dir, info, workdir, stop_at, logger,
-                               final=True)
-    export(workdir, state["params"], cfg, config, info, stop_at)
+    if config.final_eval:
+        result = task.evaluate(model, state["params"], mesh, data_dir, info, eval_dir, stop_at, logger, final=True)
+    export(workdir, state["params"], task, info, stop_at)
     logger.close()
     ckpt.close()
     return result
@@ -460,116 +362,33 @@ class _ClipPositionLog:
         self.file.close()
 
 
-# Periodic evals reuse one compiled step per (model, config) instead of re-jitting a new closure every time.
-@functools.lru_cache(maxsize=8)
-def _jitted_eval_step(model, cfg: ModelConfig):
-    return jax.jit(steps.make_eval_step(model, cfg))
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_pretrain_eval_step(model, cfg: ModelConfig, frame_diff: bool):
-    return jax.jit(steps.make_pretrain_eval_step(model, cfg, frame_diff=frame_diff))
-
-
-def periodic_eval(config, cfg, model, params, mesh, data_dir, info, workdir, step, logger, final=False):
-    out_dir = os.path.join(workdir, "eval")
-    if config.task == "pretrain":
-        return reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, step, logger)
-    task = config.data.get("task", "classification")
-    pipe = eval_pipeline(config, cfg, data_dir, config.data.eval_split, mesh)
-    eval_fn = _jitted_eval_step(model, cfg)
-    tag = "final" if final else f"step{step}"
-    res = evaluate.run_eval(eval_fn, params, pipe, mesh, task=task, class_names=info.get("class_names"),
-                            target_names=info.get("target_names"), out_dir=out_dir, tag=tag)
-    if task == "classification":
-        logger.scalars(step, {"eval/uar": res["uar"], "eval/war": res["war"]})
-        if jax.process_index() == 0:
-            print(f"[eval step {step}] {config.data.eval_split}: UAR {100 * res['uar']:.2f}  "
-                  f"WAR {100 * res['war']:.2f}  ({res['num_clips']} clips, "
-                  f"{config.eval.num_segments}x{config.eval.num_crops} views)", flush=True)
-    else:
-        logger.scalars(step, {f"eval/{k}": v for k, v in res.get("mean", {}).items()})
-        if jax.process_index() == 0:
-            print(f"[eval step {step}] {json.dumps(res.get('mean', {}))}", flush=True)
-    return res
-
-
-def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, step, logger):
-    """Eval loss on a fixed batch of the pretrain split + the MAE-DFER-paper style reconstruction figure."""
-    d = config.data
-    n = sharding.global_batch_divisor(mesh)
-    pipe = pipelines.pretrain_pipeline(
-        data_dir, split=d.get("eval_split") or d.train_split, batch_size=n, seed=config.seed + 1,
-        num_frames=cfg.num_frames, sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
-        tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
-        mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
-        fixed_crop_size=d.get("fixed_crop_size"), options=pipelines.LoaderOptions(),
-        # no augmentation, but frames stored larger than the model input (64 px clips, 32 px model) are resized:
-        # the one scale 1.0 crops the whole (square) frame, a no-op resize when it already is img_size
-        multiscale_scales=(1.0,),
-    )
-    it = iter(pipe)
-    batch = next(it)
-    it.close()
-    rows = n // jax.process_count()  # every process loads the fixed batch and feeds its block of it
-    first = sharding.process_batch_block(mesh) * rows
-    fd = config.pretrain.frame_diff
-    loss, zero, pred = _jitted_pretrain_eval_step(model, cfg, fd)(
-        params, sharding.put_batch({k: v[first:first + rows] for k, v in batch.items()}, mesh))
-    loss, zero = float(loss), float(zero)
-    logger.scalars(step, {"eval/recon_loss": loss, "eval/recon_loss_vs_zero": loss / zero})
-    res = {"recon_loss": loss, "recon_loss_vs_zero": loss / zero}
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"reconstruction_step{step}.png")
-        try:
-            from facemae_jax import visualize
-
-            visualize.reconstruction_figure(batch["video"][first], batch["mask"][first],
-                                            sharding.local_rows(pred)[0], cfg, fd, path)
-            res["figure"] = path
-        except ImportError as e:  # the figure is a report, not part of training
-            logging.warning("no reconstruction figure: %s", e)
-        print(f"[eval step {step}] reconstruction loss {loss:.4f}" + (f", figure {path}" if "figure" in res else ""),
-              flush=True)
-    return res
-
-
-def export(workdir, params, cfg: ModelConfig, config, info, step) -> None:
+def export(workdir, params, task: tasks.Task, info, step) -> None:
     """Final model in the converted format (orbax params + model.json) for predict / extract / eval / init_from."""
+    config = task.config
     host = sharding.to_host(params)  # every process: orbax's save below is collective (process 0 writes)
     # "task" is what the head predicts (inference reads it); "job" is how the model was trained
-    task = "pretrain" if config.task == "pretrain" else config.data.get("task", "classification")
-    meta = {"model_name": config.model.name, "step": int(step), "task": task, "job": config.task,
+    meta = {"model_name": config.model.name, "step": int(step), "task": task.export_task(), "job": task.name,
             "sampling_rate": int(config.data.sampling_rate), "dataset": info.get("name"),
             "class_names": info.get("class_names"), "target_names": info.get("target_names")}
-    convert.save_converted(os.path.join(workdir, "export"), host, cfg, meta)
+    convert.save_converted(os.path.join(workdir, "export"), host, task.cfg, meta)
 
 
 def run_eval_only(config, workdir: str, checkpoint: str | None) -> dict[str, Any]:
-    """``--mode=eval --checkpoint=X``: X is a workdir (its export/), a converted dir, or an official .pth/.npz."""
-    if not checkpoint:
-        checkpoint = workdir
-    cfg = model_config(config)
-    path = os.path.abspath(os.path.expanduser(checkpoint))
-    if os.path.isdir(path):
-        d = path if os.path.exists(os.path.join(path, convert.MODEL_JSON)) else os.path.join(path, "export")
-        params, ckpt_cfg, _ = convert.load_converted(d)
-        cfg = ckpt_cfg
-    else:
-        from facemae_jax import torch_io
-
-        sd, _ = torch_io.load_state_dict(path)
-        params, _ = convert.torch_to_flax({k: np.asarray(v, np.float32) for k, v in sd.items()}, cfg, source=path)
-    model = registry.create_model(cfg)
+    """``--mode=eval --checkpoint=X``: X is any source :mod:`facemae_jax.loading` reads (default: this workdir)."""
+    path = checkpoint or workdir
+    is_file = not os.path.isdir(os.path.abspath(os.path.expanduser(path)))
+    loaded = loading.load_model(os.path.abspath(os.path.expanduser(path)), model=config.model.name,
+                                overrides=dict(config.model.overrides) if is_file else None)
+    task = tasks.for_config(config, loaded.cfg)
+    model = registry.create_model(loaded.cfg)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = [tuple(r) for r in config.sharding_rules]
     sh = sharding.param_shardings(registry.logical_axes(model), registry.abstract_params(model), mesh, rules)
-    params = jax.device_put(jax.tree_util.tree_map(np.asarray, params), sh)
+    params = jax.device_put(jax.tree_util.tree_map(np.asarray, loaded.params), sh)
     data_dir = ensure_dataset(config)
-    info = dataset_info(data_dir)
     logger = Logger(workdir)
-    res = periodic_eval(config, cfg, model, params, mesh, data_dir, info, workdir, 0, logger, final=True)
+    res = task.evaluate(model, params, mesh, data_dir, dataset_info(data_dir), os.path.join(workdir, "eval"), 0,
+                        logger, final=True)
     logger.close()
     return res
 

@@ -19,7 +19,18 @@ import pytest
 import skimage.data
 
 from data_pipelines import records, transforms, video_io
-from facemae_jax import convert, extract, inference, loading, masking, predict, targets, torch_io, visualize, visualize_mae
+from facemae_jax import (
+    convert,
+    extract,
+    inference,
+    loading,
+    masking,
+    predict,
+    targets,
+    torch_io,
+    visualize,
+    visualize_mae,
+)
 from facemae_jax.models import registry
 
 GEOMETRY = dict(num_frames=8, img_size=64, region_size=(2, 2, 4), embed_dim=32, num_heads=2, depth=1)
@@ -466,7 +477,6 @@ def test_two_people_get_two_tracks_with_their_own_predictions(workspace, tmp_pat
     assert predict.main(base + ["--out", str(tmp_path / "all"), "--annotate"]) == 0
     result = json.loads((tmp_path / "all" / "two" / "predictions.json").read_text())
     assert result["num_tracks"] == 2 and [t["track_id"] for t in result["tracks"]] == [0, 1]
-    centres = []
     for track in result["tracks"]:
         assert (track["start_frame"], track["end_frame"]) == (0, 39) and track["face_detected_frames"] >= 6
         assert [(w["start_frame"], w["end_frame"]) for w in track["windows"]] == [(0, 15), (8, 23), (16, 31),
@@ -534,7 +544,7 @@ def test_truncated_faststart_mp4_is_noted_in_predict_and_conversion(workspace, t
                          "--batch", BATCH, "--no_face_crop"]) == 0
     result = json.loads((out / "cut" / "predictions.json").read_text())
     assert result["num_frames"] == decoded and result["declared_frames"] == 40
-    assert result["truncation"]["decoded_frames"] == decoded and f"of 40 declared" in result["note"]
+    assert result["truncation"]["decoded_frames"] == decoded and "of 40 declared" in result["note"]
     assert "warning:" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["videos"][0]["truncation"]["declared_frames"] == 40

@@ -4,10 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from facemae_jax import masking, naming
 from facemae_jax.convert import expected_torch_keys
-from facemae_jax.models import count_params, create_model, get_config, init_params, logical_axes
+from facemae_jax.models import (
+    count_params,
+    create_model,
+    get_config,
+    init_params,
+    logical_axes,
+)
 from facemae_jax.models.layers import DropPath
 from facemae_jax.models.mae import check_mask
 
@@ -132,7 +139,7 @@ def test_every_param_has_logical_axes():
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     specs = {tuple(k.key for k in p): v
              for p, v in jax.tree_util.tree_flatten_with_path(logical_axes(model), is_leaf=is_spec)[0]}
-    shapes = dict(naming.flatten(abstract_params(model)))
+    shapes = traverse_util.flatten_dict(abstract_params(model))
     assert specs.keys() == shapes.keys()
     for path, leaf in shapes.items():
         assert len(specs[path]) == len(leaf.shape), (path, specs[path], leaf.shape)
@@ -204,8 +211,8 @@ def test_q2_lgi_raster_decoder_order():
     t = cfg.grid[0]
     k = aux_a["features"].shape[1] // (t * 2)  # visible per (frame, band)
     fa = np.asarray(aux_a["features"]).reshape(2, t // 2, 2, 2, k, -1)  # (it, band, a, j)
-    np.testing.assert_allclose(np.asarray(aux_b["features"]), fa.transpose(0, 1, 3, 2, 4, 5).reshape(2, -1, fa.shape[-1]),
-                               rtol=1e-6, atol=1e-6)
+    raster = fa.transpose(0, 1, 3, 2, 4, 5).reshape(2, -1, fa.shape[-1])
+    np.testing.assert_allclose(np.asarray(aux_b["features"]), raster, rtol=1e-6, atol=1e-6)
     # ... so the decoder sees different position pairings and predicts differently
     assert np.abs(np.asarray(pred_a) - np.asarray(pred_b)).max() > 1e-4
 
@@ -235,8 +242,9 @@ def test_q4_svfap_faithful_bottleneck_path_gets_no_gradient():
     for ctx, dead in (("full_embedding", True), ("bottleneck", False)):
         c = cfg.replace(svfap_reverse_ctx=ctx)
         model, params = build(c)
-        g = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, m) ** 2)))(params)
-        flat = {naming.flax_path_to_torch(p): float(np.abs(np.asarray(v)).max()) for p, v in naming.flatten(g)}
+        g = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, m) ** 2)))(params)  # noqa: B023
+        flat = {naming.flax_path_to_torch(p): float(np.abs(np.asarray(v)).max())
+                for p, v in traverse_util.flatten_dict(g).items()}
         # stage depths (1, 2, 2): blocks 1 and 3 are the non-reverse CS blocks; 2 and 4 the reverse ones
         dead_keys = [k for k in flat if k.startswith(("encoder.spatial_downsamples.", "encoder.blocks.1.",
                                                        "encoder.blocks.3."))]

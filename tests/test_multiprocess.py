@@ -25,8 +25,9 @@ import time
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from facemae_jax import convert, naming
+from facemae_jax import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "configs", "smoke.py")
@@ -174,7 +175,7 @@ def keep_checkpoints_up_to(src, dst, step):
 
 def export_params(workdir):
     params, _, _ = convert.load_converted(os.path.join(workdir, "export"))
-    return dict(naming.flatten(params))
+    return traverse_util.flatten_dict(params)
 
 
 # ---------------------------------------------------------------------------------------------------------------

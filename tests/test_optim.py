@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from facemae_jax import optim
-from facemae_jax.naming import flatten, flax_path_to_torch, torch_module_path, unflatten
+from facemae_jax.naming import flax_path_to_torch, torch_module_path
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parameter trees built from the PyTorch key lists of CHECKPOINTS.md §2 (names and torch shapes)
@@ -135,7 +136,7 @@ def build_tree(keys, make_leaf):
         assert flax_path_to_torch(path) == name
         items[path] = make_leaf(name, flax_shape(name, torch_shape))
     assert len(items) == len(keys), "duplicate keys in the key list"
-    return unflatten(items)
+    return unflatten_dict(items)
 
 
 def abstract_tree(keys):
@@ -400,7 +401,7 @@ def test_dead_parameters_stay_bit_identical_and_hold_no_state():
     for i in range(3):
         grads = random_tree(TINY_SVFAP_PRETRAIN, seed=10 + i)  # non-zero everywhere, dead tensors included
         new, state = step(new, state, grads)
-    before, after = dict(flatten(params)), dict(flatten(new))
+    before, after = flatten_dict(params), flatten_dict(new)
     for r in report.rules:
         a, b = np.asarray(before[r.path]), np.asarray(after[r.path])
         if r.frozen:
@@ -468,10 +469,10 @@ def test_matches_pytorch_adamw_with_layer_scales_decay_mask_and_frozen():
         new = params
         for g in grads:
             new, state = step(new, state, g)
-        got = {flax_path_to_torch(p): np.asarray(x) for p, x in flatten(new)}
+        got = {flax_path_to_torch(p): np.asarray(x) for p, x in flatten_dict(new).items()}
 
     def by_name(tree):
-        return {flax_path_to_torch(p): np.asarray(x) for p, x in flatten(tree)}
+        return {flax_path_to_torch(p): np.asarray(x) for p, x in flatten_dict(tree).items()}
 
     scales = [decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
     groups = {
@@ -524,7 +525,8 @@ def test_grad_clip_uses_the_norm_of_trainable_gradients_only():
 
 
 def test_works_with_params_sharded_over_a_mesh_and_state_round_trips_through_orbax(tmp_path):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     devices = np.array(jax.devices())
     assert devices.size == 8

@@ -231,7 +231,8 @@ def test_step_tool_works_for_the_other_family_mode_pairs(golden_dir, tmp_path):
     pre, run, z = _steps_golden_from_forward(golden_dir, tmp_path, "mae_dfer_pretrain_tiny_seed0.npz")
     assert abs(run["losses"][0] - float(z["loss"])) <= 1e-5 * float(z["loss"])
     assert run["losses"][1] == run["losses"][0]  # step 1 runs at lr 0 (warmup starts at 0), as in the goldens
-    assert not np.array_equal(run["after"]["encoder.patch_embed.proj.weight"], z["param/encoder.patch_embed.proj.weight"])
+    proj = "encoder.patch_embed.proj.weight"
+    assert not np.array_equal(run["after"][proj], z[f"param/{proj}"])
     labels = [3, 5]
     fin, run, z = _steps_golden_from_forward(golden_dir, tmp_path, "svfap_finetune_tiny_seed0.npz", labels)
     logp = z["output"].astype(np.float64)

@@ -27,7 +27,8 @@ from scipy import stats
 
 from data_pipelines import synthetic
 from data_pipelines import transforms as T
-from facemae_jax import augment, randaugment as R
+from facemae_jax import augment
+from facemae_jax import randaugment as R
 
 PUBLISHED = "rand-m7-n4-mstd0.5-inc1"
 EXACT = {"Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd", "Equalize",

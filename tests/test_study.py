@@ -12,9 +12,10 @@ import json
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from benchmarks import synthetic_study as study
-from facemae_jax import convert, naming
+from facemae_jax import convert
 from facemae_jax.models import registry
 from facemae_jax.train import model_config
 
@@ -88,8 +89,8 @@ def test_pretrained_weights_convert_onto_the_study_finetune_model(family):
         pre_cfg = model_config(by_name[init])
         abstract = registry.abstract_params(registry.create_model(pre_cfg))
         rng = np.random.default_rng(0)
-        pre_params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in naming.flatten(abstract)}
-        sd = convert.flax_to_torch(naming.unflatten(pre_params), pre_cfg)
+        pre_params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in traverse_util.flatten_dict(abstract).items()}
+        sd = convert.flax_to_torch(traverse_util.unflatten_dict(pre_params), pre_cfg)
         params, report = convert.pretrain_to_finetune(sd, model_config(ft_cfg))
         assert set(report["initialised"]) <= {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}, init
         # Every fine-tune tensor but the new head is the pre-trained encoder's, unchanged.

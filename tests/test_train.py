@@ -9,15 +9,18 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
+from configs.base import base_config
 from facemae_jax import checkpoint as ckpt_lib
-from facemae_jax import convert, naming, optim, sharding, steps
-from facemae_jax.models import abstract_params, create_model, get_config, logical_axes
+from facemae_jax import convert, optim, sharding, steps
+from facemae_jax.models import abstract_params, create_model, get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_LGI = dict(num_frames=4, img_size=32, patch_size=8, embed_dim=32, num_heads=2, depth=2, region_size=(2, 2, 4),
@@ -27,7 +30,7 @@ SMALL_LGI = dict(num_frames=4, img_size=32, patch_size=8, embed_dim=32, num_head
 def _state(model, cfg, tx, mesh, seed=0):
     from facemae_jax.train import create_state
 
-    return create_state(model, cfg, tx, mesh, sharding.DEFAULT_RULES, seed, None)
+    return create_state(model, cfg, tx, mesh, base_config().sharding_rules, seed, None)
 
 
 def _batch(cfg, mode, n=8, seed=0):
@@ -65,8 +68,7 @@ def test_sharded_step_matches_single_device(mode):
     ref_loss, ref_params = results[(1, 1)]
     for shape, (loss, params) in results.items():
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), shape
-        for (p, a), (_, b) in zip(naming.flatten(params), naming.flatten(ref_params)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str((shape, p)))
+        chex.assert_trees_all_close(params, ref_params, rtol=1e-4, atol=1e-6, custom_message=f"mesh {shape}")
 
 
 def test_pretrain_step_reports_the_zero_prediction_baseline():
@@ -214,7 +216,7 @@ def _launch(config, workdir, *args, wait=True, env_extra=None):
 
 def _export_params(workdir):
     params, _, _ = convert.load_converted(os.path.join(workdir, "export"))
-    return dict(naming.flatten(params))
+    return traverse_util.flatten_dict(params)
 
 
 @pytest.mark.extended  # > 30 s: .ci/run runs it after the default suite

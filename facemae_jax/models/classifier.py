@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemae_jax.models.encoders import LGIFormer, TPSBT, ViT, _dtype
+from facemae_jax.models.encoders import TPSBT, LGIFormer, ViT, _dtype
 from facemae_jax.models.layers import _p, layer_norm, trunc_normal_abs
 
 _ACTIVATIONS = {None: lambda x: x, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh}

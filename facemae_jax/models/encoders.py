@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -174,9 +175,8 @@ class LGIFormer(Backbone):
         c = self.cfg
         nt, nh, nw = c.region_counts
         rt, rh, rw = c.region_size
-        b, _, ch = x.shape
-        x = x.reshape(b, nt, rt, nh, rh, nw, rw, ch).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-        return x.reshape(b, nt * nh * nw, rt * rh * rw, ch)
+        return einops.rearrange(x, "b (nt rt nh rh nw rw) c -> b (nt nh nw) (rt rh rw) c", nt=nt, rt=rt, nh=nh, rh=rh,
+                                nw=nw, rw=rw)
 
     def regions_visible(self, xv: jax.Array) -> jax.Array:
         """Visible tokens ``[B, Nv, C]`` (raster order, tube-window mask) -> ``[B, R, rt*k, C]``.
@@ -193,17 +193,16 @@ class LGIFormer(Backbone):
         k = nv // (nt * rt * nh)
         if k * nt * rt * nh != nv:
             raise ValueError(f"{nv} visible tokens cannot be split evenly over {nt * rt} frames x {nh} bands")
-        xv = xv.reshape(b, nt, rt, nh, k, ch).transpose(0, 1, 3, 2, 4, 5)
-        return xv.reshape(b, nt * nh, rt * k, ch)
+        return einops.rearrange(xv, "b (nt rt nh k) c -> b (nt nh) (rt k) c", nt=nt, rt=rt, nh=nh, k=k)
 
     def run_blocks(self, regions: jax.Array, train: bool) -> jax.Array:
         """``[B, R, L, C]`` -> ``[B, R, 1+L, C]`` after prepending region tokens and all LG blocks."""
-        b, r, l, ch = regions.shape
+        b, r, local, ch = regions.shape
         tok = jnp.broadcast_to(self.lg_region_tokens.astype(regions.dtype)[None, :, None, :], (b, r, 1, ch))
-        x = jnp.concatenate([tok, regions], axis=2).reshape(b * r, 1 + l, ch)
+        x = jnp.concatenate([tok, regions], axis=2).reshape(b * r, 1 + local, ch)
         for blk in self.blocks:
             x = blk(x, b, not train)  # positional: static under remat
-        return x.reshape(b, r, 1 + l, ch)
+        return x.reshape(b, r, 1 + local, ch)
 
     def encode(self, video: jax.Array, vis_idx: jax.Array | None = None, train: bool = False) -> jax.Array:
         x = self.embed(video)
@@ -216,9 +215,7 @@ class LGIFormer(Backbone):
         c = self.cfg
         nt, nh, _ = c.region_counts
         rt = c.region_size[0]
-        b, nv, ch = x.shape
-        k = nv // (nt * rt * nh)
-        return x.reshape(b, nt, nh, rt, k, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, nv, ch)
+        return einops.rearrange(x, "b (nt nh rt k) c -> b (nt rt nh k) c", nt=nt, nh=nh, rt=rt)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -332,12 +329,10 @@ class TPSBT(Backbone):
 
     def temporal_conv(self, s: int, x: jax.Array, frames: int) -> jax.Array:
         """``[B, T*P, C]`` (index t*P+p) -> ``[B, (T/k)*P, C]``: one temporal sequence per spatial position."""
-        b, tp, ch = x.shape
-        p = tp // frames
-        y = x.reshape(b, frames, p, ch).transpose(0, 2, 1, 3).reshape(b * p, frames, ch)
+        b = x.shape[0]
+        y = einops.rearrange(x, "b (t p) c -> (b p) t c", t=frames)
         y = self.temporal_downsamples[s](y)  # [B*P, T/k, C]
-        t2 = y.shape[1]
-        return y.reshape(b, p, t2, ch).transpose(0, 2, 1, 3).reshape(b, t2 * p, ch)
+        return einops.rearrange(y, "(b p) t c -> b (t p) c", b=b)
 
     def run_stages(self, x: jax.Array, det: bool, reverse_context: jax.Array | None = None) -> list[jax.Array]:
         """The stage loop, shared by fine-tuning and pre-training: tokens ``[B, T0*P, C]`` -> the output of every

@@ -18,7 +18,7 @@ import numpy as np
 
 from facemae_jax import masking
 from facemae_jax.models.config import ModelConfig
-from facemae_jax.models.encoders import LGIFormer, TPSBT, ViT, _dtype
+from facemae_jax.models.encoders import TPSBT, LGIFormer, ViT, _dtype
 from facemae_jax.models.layers import (
     Block,
     Inits,
