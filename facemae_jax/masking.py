@@ -258,6 +258,14 @@ class MaskGenerator:
             return tube_window_mask(rng, self.grid, self.window, self.mask_ratio, self.symmetry)
         return random_mask(rng, self.grid, self.mask_ratio)
 
+    @classmethod
+    def for_model(cls, cfg) -> "MaskGenerator":
+        """The mask a model config asks for: grid (T/tubelet, S/patch, S/patch), ``cfg.mask_kind``,
+        ``cfg.mask_ratio``, and for 'tube_window' the LGI band window ``cfg.region_size[1:]``."""
+        grid = (cfg.num_frames // cfg.tubelet_size, cfg.img_size // cfg.patch_size, cfg.img_size // cfg.patch_size)
+        window = tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None
+        return cls(kind=cfg.mask_kind, grid=grid, mask_ratio=cfg.mask_ratio, window=window)
+
 
 def make_mask_generator(kind: str, **kwargs) -> Callable[[np.random.Generator], np.ndarray]:
     """``make_mask_generator('tube_window', grid=(8,10,10), window=(5,10), mask_ratio=0.9)`` -> rng -> bool [N].

@@ -33,8 +33,8 @@ from flax import linen as nn
 from data_pipelines import pipeline as pipelines
 from facemae_jax import checkpoint as ckpt_lib
 from data_pipelines import worker_autotune
-from facemae_jax import (compilation_cache, convert, distributed, evaluate, input_timing, optim, randaugment, sharding,
-                         steps)
+from facemae_jax import (compilation_cache, convert, distributed, evaluate, input_timing, masking, optim, randaugment,
+                         sharding, steps)
 from facemae_jax.models import registry
 from facemae_jax.models.config import ModelConfig
 
@@ -129,20 +129,21 @@ def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int, mesh=Non
         opts = dataclasses.replace(opts, shard_index=sharding.process_batch_block(mesh))
     if config.task == "pretrain":
         return pipelines.pretrain_pipeline(
-            data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
-            sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
-            tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
-            mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
-            num_samples=d.get("num_samples", 1), fixed_crop_size=d.get("fixed_crop_size"),
-            multiscale_scales=tuple(d.get("multiscale_scales", (1.0, 0.875, 0.75, 0.66))) or None,
-            multiscale_resize=d.get("multiscale_resize", "fast"), options=opts,
+            data_dir, d.train_split, batch_size=batch, seed=config.seed,
+            geometry=pipelines.ClipGeometry(cfg.num_frames, d.sampling_rate, cfg.img_size),
+            mask=masking.MaskGenerator.for_model(cfg),
+            augment=pipelines.PretrainAugment(
+                num_samples=d.num_samples, fixed_crop_size=d.fixed_crop_size,
+                multiscale_scales=tuple(d.multiscale_scales) or None, multiscale_resize=d.multiscale_resize),
+            options=opts,
         )
     return pipelines.finetune_train_pipeline(
-        data_dir, split=d.train_split, batch_size=batch, seed=config.seed, num_frames=cfg.num_frames,
-        sampling_rate=d.sampling_rate, image_size=cfg.img_size, rand_augment=d.get("rand_augment") or None,
-        crop_scale=tuple(d.crop_scale) if d.get("crop_scale") else None,
-        flip_probability=d.get("flip_probability", 0.5), erase_probability=d.get("erase_probability", 0.25),
-        rand_augment_on=d.get("rand_augment_on", "host"), dct_downscale=d.get("jpeg_dct_downscale", True),
+        data_dir, d.train_split, batch_size=batch, seed=config.seed,
+        geometry=pipelines.ClipGeometry(cfg.num_frames, d.sampling_rate, cfg.img_size),
+        augment=pipelines.FinetuneAugment(
+            rand_augment=d.rand_augment or None, crop_scale=tuple(d.crop_scale) if d.crop_scale else None,
+            flip_probability=d.flip_probability, erase_probability=d.erase_probability,
+            rand_augment_on=d.rand_augment_on, dct_downscale=d.jpeg_dct_downscale),
         options=opts,
     )
 
@@ -150,9 +151,9 @@ def train_pipeline(config, cfg: ModelConfig, data_dir: str, batch: int, mesh=Non
 def eval_pipeline(config, cfg: ModelConfig, data_dir: str, split: str, mesh) -> pipelines.Pipeline:
     d = config.data
     return pipelines.eval_pipeline(
-        data_dir, split=split, batch_size=local_batch_size(config.eval.batch_size, mesh), num_frames=cfg.num_frames,
-        sampling_rate=d.sampling_rate, image_size=cfg.img_size, num_segments=config.eval.num_segments,
-        num_crops=config.eval.num_crops, dct_downscale=d.get("jpeg_dct_downscale", True),
+        data_dir, split, batch_size=local_batch_size(config.eval.batch_size, mesh),
+        geometry=pipelines.ClipGeometry(cfg.num_frames, d.sampling_rate, cfg.img_size),
+        views=pipelines.EvalViews(config.eval.num_segments, config.eval.num_crops, d.jpeg_dct_downscale),
         options=loader_options(config),
     )
 
@@ -499,14 +500,14 @@ def reconstruction_report(config, cfg, model, params, mesh, data_dir, out_dir, s
     d = config.data
     n = sharding.global_batch_divisor(mesh)
     pipe = pipelines.pretrain_pipeline(
-        data_dir, split=d.get("eval_split") or d.train_split, batch_size=n, seed=config.seed + 1,
-        num_frames=cfg.num_frames, sampling_rate=d.sampling_rate, image_size=cfg.img_size, patch_size=cfg.patch_size,
-        tubelet_size=cfg.tubelet_size, mask_kind=cfg.mask_kind, mask_ratio=cfg.mask_ratio,
-        mask_window=tuple(cfg.region_size[1:]) if cfg.mask_kind == "tube_window" else None,
-        fixed_crop_size=d.get("fixed_crop_size"), options=pipelines.LoaderOptions(),
+        data_dir, d.eval_split or d.train_split, batch_size=n, seed=config.seed + 1,
+        geometry=pipelines.ClipGeometry(cfg.num_frames, d.sampling_rate, cfg.img_size),
+        mask=masking.MaskGenerator.for_model(cfg),
         # no augmentation, but frames stored larger than the model input (64 px clips, 32 px model) are resized:
         # the one scale 1.0 crops the whole (square) frame, a no-op resize when it already is img_size
-        multiscale_scales=(1.0,),
+        augment=pipelines.PretrainAugment(num_samples=1, fixed_crop_size=d.fixed_crop_size,
+                                          multiscale_scales=(1.0,), multiscale_resize=d.multiscale_resize),
+        options=pipelines.LoaderOptions(),
     )
     it = iter(pipe)
     batch = next(it)
