@@ -160,4 +160,3 @@ class FlattenRepeatedSamples:
             "video": video.reshape(video.shape[0] * video.shape[1], *video.shape[2:]),
             "mask": np.repeat(batch["mask"], self.num_samples, axis=0),
         }
-

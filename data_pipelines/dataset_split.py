@@ -186,4 +186,3 @@ def clip_label(item: ClipItem, split: DatasetSplit) -> np.ndarray:
             )
         return target
     raise ValueError(f"split {split.split!r} of {split.directory} is unlabeled; it cannot feed a supervised pipeline")
-

@@ -94,7 +94,6 @@ class Pipeline:
         return ResumableIterator(self.batches, self.options, self.identity, self.global_clips_per_batch)
 
 
-
 def _seeds(seed: int) -> tuple[int, int]:
     """Two independent 32-bit seeds (shuffle order, per-element augmentation) from the pipeline seed."""
     shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
@@ -146,8 +145,6 @@ def training_clip_positions(num_clips: int, *, batch_size: int, seed: int,
     shuffle_seed, _ = _seeds(seed)
     ds = grain.MapDataset.range(num_clips).shuffle(seed=shuffle_seed).repeat()
     return _batch_and_shard(ds, batch_size, options)
-
-
 
 
 def pretrain_pipeline(

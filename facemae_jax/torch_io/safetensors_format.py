@@ -18,7 +18,6 @@ from facemae_jax.torch_io.common import (
     extra_as_json,
 )
 
-
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,

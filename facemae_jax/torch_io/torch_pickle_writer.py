@@ -26,7 +26,6 @@ from facemae_jax.torch_io.common import (
     c_contiguous,
 )
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Pickle protocol 2 by hand (the torch globals cannot be pickled without importing torch)
 # ----------------------------------------------------------------------------------------------------------
