@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,7 +39,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from data_pipelines import pipeline, records, transforms
+from configs.base import base_config
+from data_pipelines import clip_transforms, pipeline, records, transforms
 from facemae_jax import masking
 
 def synthetic_frames(rng: np.random.Generator, num_frames: int, size: int, texture: str) -> np.ndarray:
@@ -142,16 +144,19 @@ def per_core_profile(directory: str, size: int, passes: int) -> dict[str, dict]:
     grid = (8, size // 16, size // 16)
     mask = masking.make_mask_generator("tube_window", grid=grid, window=(5, size // 16))
     rrc = transforms.RandomResizedCrop(size)
+    d = base_config().data  # the published recipes
+    geometry = pipeline.ClipGeometry(num_frames=16, sampling_rate=d.sampling_rate, image_size=size)
+    pretrain_args = dict(mask_generator=mask, geometry=geometry, num_samples=1, fixed_crop_size=None)
+    finetune_args = dict(split=split, geometry=geometry, random_resized_crop=rrc, flip_probability=d.flip_probability,
+                         erase_probability=d.erase_probability, dct_downscale=d.jpeg_dct_downscale)
     recipes = {
-        "pretrain": pipeline.PretrainExample(mask_generator=mask, image_size=size,
-                                             multiscale_crop=transforms.GroupMultiScaleCrop(size, resize="fast")),
-        "pretrain_pil_resize": pipeline.PretrainExample(mask_generator=mask, image_size=size,
-                                                        multiscale_crop=transforms.GroupMultiScaleCrop(size)),
-        "finetune": pipeline.FinetuneTrainExample(split=split, image_size=size, random_resized_crop=rrc,
-                                                  device_augment=True),
-        "finetune_host_randaugment": pipeline.FinetuneTrainExample(
-            split=split, image_size=size, rand_augment=transforms.RandAugment("rand-m7-n4-mstd0.5-inc1"),
-            random_resized_crop=rrc),
+        "pretrain": clip_transforms.PretrainExample(
+            **pretrain_args, multiscale_crop=transforms.GroupMultiScaleCrop(size, resize="fast")),
+        "pretrain_pil_resize": clip_transforms.PretrainExample(
+            **pretrain_args, multiscale_crop=transforms.GroupMultiScaleCrop(size)),
+        "finetune": clip_transforms.FinetuneTrainExample(**finetune_args, rand_augment=None, device_augment=True),
+        "finetune_host_randaugment": clip_transforms.FinetuneTrainExample(
+            **finetune_args, rand_augment=transforms.RandAugment("rand-m7-n4-mstd0.5-inc1"), device_augment=False),
     }  # fmt: skip
     stages = {name: StageClock() for name in ("pretrain", "finetune_host_randaugment")}
     total = StageClock()
@@ -419,14 +424,26 @@ def main() -> None:
         print(f"  augmentation {device['ms_per_batch']:.1f} ms, train step {device['train_step_ms']:.1f} ms -> "
               f"{100 * device['fraction_of_train_step']:.2f}% ({device['device']}, {device['timing']})")  # fmt: skip
 
-        geometry = dict(batch_size=args.batch_size, seed=0, num_frames=16, sampling_rate=4, image_size=args.size)
+        d = base_config().data  # the published recipes, MAE-DFER's mask
+        common = dict(batch_size=args.batch_size, seed=0,
+                      geometry=pipeline.ClipGeometry(num_frames=16, sampling_rate=d.sampling_rate,
+                                                     image_size=args.size))
+        mask = masking.MaskGenerator("tube_window", grid=(8, args.size // 16, args.size // 16), mask_ratio=0.9,
+                                     window=(5, args.size // 16))
+        pretrain_augment = pipeline.PretrainAugment(num_samples=d.num_samples, fixed_crop_size=None,
+                                                    multiscale_scales=tuple(d.multiscale_scales),
+                                                    multiscale_resize=d.multiscale_resize)
+        finetune_augment = pipeline.FinetuneAugment(
+            rand_augment=d.rand_augment, crop_scale=tuple(d.crop_scale), flip_probability=d.flip_probability,
+            erase_probability=d.erase_probability, rand_augment_on="host", dct_downscale=d.jpeg_dct_downscale)
+        on_device = dataclasses.replace(finetune_augment, rand_augment_on="device")
         makers = {
-            "pretrain": lambda o: pipeline.pretrain_pipeline(directory, "pretrain", patch_size=16,
-                                                             mask_window=(5, args.size // 16), options=o, **geometry),
-            "finetune": lambda o: pipeline.finetune_train_pipeline(directory, "train", rand_augment_on="device",
-                                                                   options=o, **geometry),
-            "finetune_host_randaugment": lambda o: pipeline.finetune_train_pipeline(directory, "train", options=o,
-                                                                                    **geometry),
+            "pretrain": lambda o: pipeline.pretrain_pipeline(directory, "pretrain", mask=mask,
+                                                             augment=pretrain_augment, options=o, **common),
+            "finetune": lambda o: pipeline.finetune_train_pipeline(directory, "train", augment=on_device, options=o,
+                                                                   **common),
+            "finetune_host_randaugment": lambda o: pipeline.finetune_train_pipeline(
+                directory, "train", augment=finetune_augment, options=o, **common),
         }  # fmt: skip
         report["load_average_before_throughput"] = os.getloadavg()[0]
         print(f"\nthroughput (batch {args.batch_size}, median of {args.windows} windows x {args.window_batches} "

@@ -4,7 +4,7 @@
 records themselves carry where they belong (``split`` for single-split datasets, ``fold`` - the fold whose *test*
 split holds the clip - for k-fold datasets). If the index and the records disagree (shards listed in another order,
 an info file copied from another build, a hand edit), training would silently read the wrong clips - val or test
-clips in the train split. So every record read through :class:`~data_pipelines.pipeline.ClipSource` is checked
+clips in the train split. So every record read through :class:`~data_pipelines.dataset_split.ClipSource` is checked
 against the split it was requested for (:class:`SplitContract`, a few comparisons per record), a sample of records
 is checked when a split is opened (before any training step), and a train split that shares clips with its test
 split is refused outright.
@@ -16,7 +16,7 @@ What is compared, per record:
   record in (a clip in several splits stores one of them);
 * a record without the field a rule needs (no ``fold`` in a k-fold split, no ``split`` in a plain one) is not
   judged: it says nothing to compare (e.g. folds defined afterwards over a single-split dataset).
-Labels are checked per record for type and range against ``class_names`` / ``target_names`` (pipeline._label);
+Labels are checked per record for type and range against ``class_names`` / ``target_names`` (dataset_split.clip_label);
 the per-split class histograms are not recounted (that needs a full pass over the data).
 
 No JAX here: grain worker processes import this module.

@@ -3,7 +3,7 @@
 Layout of ``workdir/checkpoints/<step>/``:
   state/      params, optimiser state, step (orbax StandardSave; restored onto any mesh through abstract targets
               that carry the new shardings)
-  data/       the grain iterator state (JSON: a position in the global sample stream, see data_pipelines.pipeline)
+  data/       the grain iterator state (JSON: a position in the global sample stream, data_pipelines.resumable_iterator)
   integrity/  JSON: shape, dtype and content fingerprint of every state array (``facemae_jax.fingerprint``) and a
               SHA-256 of the data state. orbax/tensorstore store no checksum of the values (see fingerprint.py), so
               without this a flipped byte restores silently as different parameters.

@@ -37,8 +37,10 @@ def _views(data_dir: str, clip: dict[str, Any]) -> dict[int, tuple[np.ndarray, n
     from data_pipelines import pipeline as pipelines
 
     pipe = pipelines.eval_pipeline(
-        data_dir, "test", batch_size=1, num_frames=clip["num_frames"], sampling_rate=clip["sampling_rate"],
-        image_size=clip["crop_size"], num_segments=clip["test_num_segment"], num_crops=clip["test_num_crop"])
+        data_dir, "test", batch_size=1,
+        geometry=pipelines.ClipGeometry(clip["num_frames"], clip["sampling_rate"], clip["crop_size"]),
+        # config.data.jpeg_dct_downscale's default: reduced-scale JPEG decode for frames stored >= 2x larger
+        views=pipelines.EvalViews(clip["test_num_segment"], clip["test_num_crop"], dct_downscale=True))
     out = {}
     for batch in pipe:
         if batch["valid"][0]:

@@ -69,9 +69,8 @@ class Task:
         return c.num_frames * c.img_size**2 * 3
 
     @property
-    def geometry(self) -> dict[str, int]:
-        return dict(num_frames=self.cfg.num_frames, sampling_rate=self.config.data.sampling_rate,
-                    image_size=self.cfg.img_size)
+    def geometry(self) -> pipelines.ClipGeometry:
+        return pipelines.ClipGeometry(self.cfg.num_frames, self.config.data.sampling_rate, self.cfg.img_size)
 
 
 class PretrainTask(Task):
@@ -82,12 +81,11 @@ class PretrainTask(Task):
 
     def _pipeline(self, data_dir: str, split: str, batch_size: int, seed: int, options, num_samples: int,
                   multiscale_scales) -> pipelines.Pipeline:
-        d, c, mask = self.config.data, self.cfg, self.mask()
-        return pipelines.pretrain_pipeline(
-            data_dir, split=split, batch_size=batch_size, seed=seed, **self.geometry, patch_size=c.patch_size,
-            tubelet_size=c.tubelet_size, mask_kind=mask.kind, mask_ratio=mask.mask_ratio, mask_window=mask.window,
-            num_samples=num_samples, fixed_crop_size=d.fixed_crop_size, multiscale_scales=multiscale_scales,
-            multiscale_resize=d.multiscale_resize, options=options)
+        d = self.config.data
+        augment = pipelines.PretrainAugment(num_samples=num_samples, fixed_crop_size=d.fixed_crop_size,
+                                            multiscale_scales=multiscale_scales, multiscale_resize=d.multiscale_resize)
+        return pipelines.pretrain_pipeline(data_dir, split, batch_size=batch_size, seed=seed, geometry=self.geometry,
+                                           mask=self.mask(), augment=augment, options=options)
 
     def train_pipeline(self, data_dir, batch_size, options):
         d = self.config.data
@@ -152,11 +150,12 @@ class FinetuneTask(Task):
 
     def train_pipeline(self, data_dir, batch_size, options):
         d = self.config.data
-        return pipelines.finetune_train_pipeline(
-            data_dir, split=d.train_split, batch_size=batch_size, seed=self.config.seed, **self.geometry,
+        augment = pipelines.FinetuneAugment(
             rand_augment=d.rand_augment or None, crop_scale=tuple(d.crop_scale) or None,
             flip_probability=d.flip_probability, erase_probability=d.erase_probability,
-            rand_augment_on=d.rand_augment_on, dct_downscale=d.jpeg_dct_downscale, options=options)
+            rand_augment_on=d.rand_augment_on, dct_downscale=d.jpeg_dct_downscale)
+        return pipelines.finetune_train_pipeline(data_dir, d.train_split, batch_size=batch_size, seed=self.config.seed,
+                                                 geometry=self.geometry, augment=augment, options=options)
 
     def train_step(self, model, tx):
         f, d = self.config.finetune, self.config.data
@@ -173,10 +172,10 @@ class FinetuneTask(Task):
     def evaluate(self, model, params, mesh, data_dir, info, out_dir, step, logger, final=False):
         """Multi-view metrics on the eval split (FINETUNING §4.2)."""
         config, d = self.config, self.config.data
-        pipe = pipelines.eval_pipeline(
-            data_dir, split=d.eval_split, batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
-            **self.geometry, num_segments=config.eval.num_segments, num_crops=config.eval.num_crops,
-            dct_downscale=d.jpeg_dct_downscale, options=loader_options(config))
+        views = pipelines.EvalViews(config.eval.num_segments, config.eval.num_crops, d.jpeg_dct_downscale)
+        pipe = pipelines.eval_pipeline(data_dir, d.eval_split,
+                                       batch_size=sharding.local_batch_size(config.eval.batch_size, mesh),
+                                       geometry=self.geometry, views=views, options=loader_options(config))
         res = evaluate.run_eval(_jitted_eval_step(model, self.cfg), params, pipe, mesh, task=d.task,
                                 class_names=info.get("class_names"), target_names=info.get("target_names"),
                                 out_dir=out_dir, tag="final" if final else f"step{step}")

@@ -95,8 +95,10 @@ def test_every_record_read_in_the_input_pipeline_is_checked(tmp_path, monkeypatc
 
     _edit_info(d, test_clips_as_train)
     monkeypatch.setattr(pipeline.ClipSource, "check_sample", lambda self: None, raising=False)
-    pipe = pipeline.finetune_train_pipeline(d, "train", batch_size=12, seed=0, num_frames=2, sampling_rate=1,
-                                            image_size=8, rand_augment=None, crop_scale=None)
+    augment = pipeline.FinetuneAugment(rand_augment=None, crop_scale=None, flip_probability=0.5, erase_probability=0.25,
+                                       rand_augment_on="host", dct_downscale=True)
+    pipe = pipeline.finetune_train_pipeline(d, "train", batch_size=12, seed=0, augment=augment,
+                                            geometry=pipeline.ClipGeometry(num_frames=2, sampling_rate=1, image_size=8))
     it = iter(pipe)
     with pytest.raises(records.RecordError, match=r"toy-00002-of-00003\.array_record record \d.*"
                                                            r"expected split 'train', found split 'test'"):

@@ -225,3 +225,16 @@ def test_importing_masking_does_not_pull_in_jax():
     code = "import sys, facemae_jax.masking; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_mask_generator_for_model_derives_grid_kind_and_lgi_window():
+    from facemae_jax.models.config import ModelConfig
+
+    lgi = ModelConfig(mode="pretrain", family="lgi", mask_kind="tube_window", num_frames=8, img_size=64,
+                      patch_size=16, tubelet_size=2, region_size=(2, 2, 4), mask_ratio=0.75)
+    gen = masking.MaskGenerator.for_model(lgi)
+    assert (gen.kind, gen.grid, gen.mask_ratio, gen.window) == ("tube_window", (4, 4, 4), 0.75, (2, 4))
+    assert gen.grid == lgi.grid
+    assert masking.check_lgi_mask(gen(np.random.default_rng(0)), lgi.grid, lgi.region_size) == 2
+    tube = masking.MaskGenerator.for_model(ModelConfig(mode="pretrain", family="tpsbt", mask_kind="tube"))
+    assert (tube.kind, tube.grid, tube.window) == ("tube", (8, 10, 10), None)  # no window outside tube_window

@@ -5,6 +5,7 @@ is a flat colour: red = 10 + 4 * frame index, green = 10 + 20 * clip index, so a
 frames it came from (flat colours survive JPEG, crops and resizes).
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -12,6 +13,7 @@ import os
 import numpy as np
 import pytest
 
+from configs.base import base_config
 from data_pipelines import pipeline, records, transforms
 from facemae_jax import masking
 
@@ -19,6 +21,17 @@ FRAMES, SIZE, SR, PATCH, TUBELET = 8, 32, 2, 8, 2
 GRID = (FRAMES // TUBELET, SIZE // PATCH, SIZE // PATCH)
 FRAME_COUNTS = [12, 30, 7, 25, 40, 16, 9, 33, 21, 18]  # some shorter than the 16-frame span, some longer
 NUM_CLASSES = 3
+GEOMETRY = pipeline.ClipGeometry(num_frames=FRAMES, sampling_rate=SR, image_size=SIZE)
+MASK = masking.MaskGenerator("tube_window", GRID, mask_ratio=0.75, window=(2, 4))
+_DATA, _EVAL = base_config().data, base_config().eval  # the configured recipes, as the trainer builds them
+PRETRAIN_AUGMENT = pipeline.PretrainAugment(
+    num_samples=_DATA.num_samples, fixed_crop_size=_DATA.fixed_crop_size,
+    multiscale_scales=tuple(_DATA.multiscale_scales), multiscale_resize=_DATA.multiscale_resize)
+FINETUNE_AUGMENT = pipeline.FinetuneAugment(
+    rand_augment=_DATA.rand_augment, crop_scale=tuple(_DATA.crop_scale), flip_probability=_DATA.flip_probability,
+    erase_probability=_DATA.erase_probability, rand_augment_on=_DATA.rand_augment_on,
+    dct_downscale=_DATA.jpeg_dct_downscale)
+VIEWS = pipeline.EvalViews(_EVAL.num_segments, _EVAL.num_crops, _DATA.jpeg_dct_downscale)
 
 
 def clip_frames(clip_index: int, num_frames: int, height: int = 36, width: int = 44) -> np.ndarray:
@@ -102,17 +115,19 @@ def dataset(tmp_path_factory):
     return directory, info, labels
 
 
-def pretrain(directory, **kw):
-    args = dict(batch_size=4, seed=0, num_frames=FRAMES, sampling_rate=SR, image_size=SIZE, patch_size=PATCH,
-                tubelet_size=TUBELET, mask_kind="tube_window", mask_ratio=0.75, mask_window=(2, 4))  # fmt: skip
-    args.update(kw)
-    return pipeline.pretrain_pipeline(directory, "pretrain", **args)
+def pretrain(directory, batch_size=4, seed=0, mask=MASK, options=None, num_frames=FRAMES, **augment):
+    """The pre-training pipeline on the tiny geometry; ``augment``: PretrainAugment fields to change."""
+    return pipeline.pretrain_pipeline(
+        directory, "pretrain", batch_size=batch_size, seed=seed,
+        geometry=dataclasses.replace(GEOMETRY, num_frames=num_frames), mask=mask,
+        augment=dataclasses.replace(PRETRAIN_AUGMENT, **augment), options=options)
 
 
-def finetune(directory, **kw):
-    args = dict(batch_size=4, seed=0, num_frames=FRAMES, sampling_rate=SR, image_size=SIZE)
-    args.update(kw)
-    return pipeline.finetune_train_pipeline(directory, "train", **args)
+def finetune(directory, batch_size=4, seed=0, options=None, **augment):
+    """The fine-tuning pipeline on the tiny geometry; ``augment``: FinetuneAugment fields to change."""
+    return pipeline.finetune_train_pipeline(
+        directory, "train", batch_size=batch_size, seed=seed, geometry=GEOMETRY,
+        augment=dataclasses.replace(FINETUNE_AUGMENT, **augment), options=options)
 
 
 def take(iterator, n):
@@ -150,7 +165,7 @@ def test_pretrain_batch_contract(dataset):
 
 def test_pretrain_epochs_cover_the_split_and_reshuffle(dataset):
     directory, _, _ = dataset
-    it = iter(pretrain(directory, batch_size=5, mask_kind="tube", mask_window=None))
+    it = iter(pretrain(directory, batch_size=5, mask=masking.MaskGenerator("tube", GRID, mask_ratio=0.75)))
     clips = [decode_content(b["video"])[1].tolist() for b in take(it, 4)]
     epoch0, epoch1 = clips[0] + clips[1], clips[2] + clips[3]
     assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10))
@@ -236,9 +251,7 @@ def test_regression_labels(tmp_path):
     assert np.allclose(batch["label"], [labels[c] for c in clip_index])
     ev = next(
         iter(
-            pipeline.eval_pipeline(
-                directory, "test", batch_size=8, num_frames=FRAMES, sampling_rate=SR, image_size=SIZE
-            )
+            pipeline.eval_pipeline(directory, "test", batch_size=8, geometry=GEOMETRY, views=VIEWS)
         )
     )
     assert ev["label"].shape == (8, 2) and ev["label"].dtype == np.float32
@@ -316,8 +329,8 @@ def test_eval_views_cover_every_clip_once_across_processes(dataset):
     seen = []
     for p in range(2):
         opts = pipeline.LoaderOptions(shard_index=p, shard_count=2)
-        pipe = pipeline.eval_pipeline(directory, "test", batch_size=3, num_frames=FRAMES, sampling_rate=SR,
-                                      image_size=SIZE, num_segments=2, num_crops=2, options=opts)  # fmt: skip
+        pipe = pipeline.eval_pipeline(directory, "test", batch_size=3, geometry=GEOMETRY,
+                                      views=dataclasses.replace(VIEWS, num_segments=2, num_crops=2), options=opts)
         batches = list(iter(pipe))
         assert len(batches) == pipe.num_batches == 4  # 20 views / 2 processes = 10 -> 4 batches of 3, padded
         assert np.array_equal(pipe.record_indices, test_split)
@@ -344,8 +357,8 @@ def test_eval_views_cover_every_clip_once_across_processes(dataset):
 
 def test_eval_single_view_protocol(dataset):
     directory, _, _ = dataset
-    pipe = pipeline.eval_pipeline(directory, "test", batch_size=4, num_frames=FRAMES, sampling_rate=SR,
-                                  image_size=SIZE, num_segments=1, num_crops=1)  # fmt: skip
+    pipe = pipeline.eval_pipeline(directory, "test", batch_size=4, geometry=GEOMETRY,
+                                  views=dataclasses.replace(VIEWS, num_segments=1, num_crops=1))
     batches = list(iter(pipe))
     valid = np.concatenate([b["valid"] for b in batches])
     assert valid.sum() == 5 and len(valid) == 8 and (np.concatenate([b["view"] for b in batches])[valid] == 0).all()
@@ -361,9 +374,7 @@ def test_corrupt_record_raises_naming_shard_and_record(tmp_path):
 def test_corrupt_jpeg_raises_naming_the_record(tmp_path):
     directory = str(tmp_path / "badjpeg")
     write_dataset(directory, corrupt={2: "jpeg"})
-    pipe = pipeline.eval_pipeline(
-        directory, "test", batch_size=20, num_frames=FRAMES, sampling_rate=SR, image_size=SIZE
-    )
+    pipe = pipeline.eval_pipeline(directory, "test", batch_size=20, geometry=GEOMETRY, views=VIEWS)
     with pytest.raises(records.RecordError, match=r"clips-00000-of-00002\.array_record record 2 .*not a valid JPEG"):
         next(iter(pipe))
 
@@ -396,12 +407,34 @@ def test_bad_geometry_is_rejected(dataset):
     directory, _, _ = dataset
     with pytest.raises(records.RecordError, match=r"clips-0000\d-of-00002\.array_record record \d+ .*at least"):
         next(iter(pretrain(directory, fixed_crop_size=40)))  # 36x44 frames cannot give a 40x40 fixed crop
-    with pytest.raises(ValueError, match="tubelets"):
-        pretrain(directory, num_frames=7)
+    with pytest.raises(ValueError, match=r"token grid \(4, 4, 4\) does not match .*7 frames of 32x32 px.*tubelets"):
+        pretrain(directory, num_frames=7)  # the mask's grid names 4 tubelets: 7 frames do not split into them
+    with pytest.raises(ValueError, match="token grid"):
+        pretrain(directory, mask=masking.MaskGenerator("tube", (4, 4, 8), mask_ratio=0.75))  # non-square patches
     with pytest.raises(ValueError, match="not a whole number"):
-        pretrain(directory, mask_ratio=0.9)  # 0.9 of an 8-token band is not an integer
+        masking.MaskGenerator("tube_window", GRID, mask_ratio=0.9, window=(2, 4))  # 0.9 of 8 tokens
     with pytest.raises(ValueError, match="shard_index"):
         pipeline.LoaderOptions(shard_index=2, shard_count=2)
+
+
+def test_option_objects_reject_bad_values_and_other_spellings_of_off():
+    with pytest.raises(ValueError, match="must be > 0"):
+        pipeline.ClipGeometry(num_frames=0, sampling_rate=SR, image_size=SIZE)
+    with pytest.raises(ValueError, match="None switches the multi-scale crop off"):
+        dataclasses.replace(PRETRAIN_AUGMENT, multiscale_scales=())
+    with pytest.raises(ValueError, match="num_samples"):
+        dataclasses.replace(PRETRAIN_AUGMENT, num_samples=0)
+    with pytest.raises(ValueError, match="None switches RandAugment off"):
+        dataclasses.replace(FINETUNE_AUGMENT, rand_augment="")
+    with pytest.raises(ValueError, match="crop_scale"):
+        dataclasses.replace(FINETUNE_AUGMENT, crop_scale=(1.0, 0.5))
+    with pytest.raises(ValueError, match="erase_probability"):
+        dataclasses.replace(FINETUNE_AUGMENT, erase_probability=1.5)
+    with pytest.raises(ValueError, match="num_segments 0"):
+        dataclasses.replace(VIEWS, num_segments=0)
+    with pytest.raises(TypeError):  # the config holds these defaults; the options restate none of them
+        pipeline.FinetuneAugment(rand_augment=None, crop_scale=None)
+    assert dataclasses.replace(PRETRAIN_AUGMENT, multiscale_scales=[1, 0.5]).multiscale_scales == (1.0, 0.5)
 
 
 def test_data_modules_do_not_need_jax():

@@ -251,7 +251,7 @@ def test_pth_output_is_deterministic(tmp_path):
 
 def test_zip64_fields_read_back(tmp_path, monkeypatch):
     """Records over 4 GiB need zip64 fields; a tiny threshold exercises that code path on small files."""
-    monkeypatch.setattr(torch_io, "_ZIP64_LIMIT", 100)
+    monkeypatch.setattr(torch_io.torch_pickle_writer, "_ZIP64_LIMIT", 100)
     state_dict = {"big": np.arange(64, dtype=np.float32), "small": np.arange(3, dtype=np.int64)}
     save_state_dict(str(tmp_path / "z.pth"), state_dict, {"epoch": 2})
     with zipfile.ZipFile(tmp_path / "z.pth") as archive:
