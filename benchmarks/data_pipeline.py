@@ -38,7 +38,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from data_pipelines import pipeline, records, transforms
+from data_pipelines import dataset_info, pipeline, records, transforms
 from facemae_jax import masking
 
 def synthetic_frames(rng: np.random.Generator, num_frames: int, size: int, texture: str) -> np.ndarray:
@@ -73,17 +73,12 @@ def write_dataset(
                 jpeg_bytes += [len(b) for b in rec.frames]
                 labels.append(int(c % 7))
                 writer.write(rec)
-    info = {
-        "format": "facemae_dataset", "version": 1, "name": "benchmark", "source": f"synthetic {texture} noise",
-        "creation_command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "num_clips": num_clips, "shards": names, "frame_size": {"height": size, "width": size},
-        "task": "classification", "class_names": [f"class{i}" for i in range(7)],
-        "label_histogram": {str(k): labels.count(k) for k in range(7)},
-        "splits": {"train": list(range(num_clips)), "pretrain": list(range(num_clips))},
-        "skipped": [], "extra": {},
-    }  # fmt: skip
-    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
-        json.dump(info, f)
+    dataset_info.write(directory, dataset_info.make(
+        name="benchmark", source=f"synthetic {texture} noise", creation_command=" ".join(sys.argv),
+        num_clips=num_clips, shards=names, frame_size={"height": size, "width": size}, task="classification",
+        class_names=[f"class{i}" for i in range(7)], label_histogram={str(k): labels.count(k) for k in range(7)},
+        splits={"train": list(range(num_clips)), "pretrain": list(range(num_clips))},
+    ))
     return {"mean_frames_per_clip": float(frame_counts.mean()), "mean_jpeg_kb": float(np.mean(jpeg_bytes) / 1024)}
 
 
