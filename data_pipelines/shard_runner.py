@@ -108,6 +108,7 @@ def remove_shard(out_dir: str, shard_name: str) -> None:
 def write_one(job: ShardJob, write_shard: WriteShard, count: Callable[[int], None] = lambda n: None) -> dict:
     """Write one shard and its sidecar (in this process); returns the sidecar."""
     start = time.monotonic()
+    os.makedirs(job.out_dir, exist_ok=True)
     with records.ShardWriter(os.path.join(job.out_dir, job.shard_name)) as writer:
         report = write_shard(job, writer, count)
     sidecar = {"shard": job.shard_name, "fingerprint": job.fingerprint, **report,

@@ -102,11 +102,16 @@ def split_tasks(seed: int, split: str, count: int, labelled: bool, frames: int, 
             for i in range(count)]
 
 
+def render_clip(task: ClipTask) -> tuple[np.ndarray, dict[str, Any]]:
+    """ClipTask -> (uint8 [frames, size, size, 3], meta): the clip of ``task``'s split and index, with its person."""
+    identity = split_identity(task.seed, task.split, task.index // CLIPS_PER_IDENTITY)
+    return generate_clip(clip_rng(task.seed, task.split, task.index), task.label, frames=task.frames,
+                         size=task.size, identity=identity, scenario=task.scenario)
+
+
 def render_record(task: ClipTask) -> bytes:
     """ClipTask -> encoded record bytes (module-level so that worker processes can run it)."""
-    identity = split_identity(task.seed, task.split, task.index // CLIPS_PER_IDENTITY)
-    video, meta = generate_clip(clip_rng(task.seed, task.split, task.index), task.label, frames=task.frames,
-                                size=task.size, identity=identity, scenario=task.scenario)
+    video, meta = render_clip(task)
     rec = records.make_record(
         f"{task.split}/{task.index:06d}",
         video,
