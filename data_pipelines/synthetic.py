@@ -243,6 +243,7 @@ def build_dataset(out_dir: str, *, seed: int = 0, num_pretrain: int = 1400, trai
             "generation_seconds": round(elapsed, 2),
             "clips_per_second": round(rendered / max(elapsed, 1e-9), 2),
             "workers": workers,
+            "clips_rendered": rendered,  # by this run; the rest lay in shards kept from an interrupted earlier run
         },
     )
     dataset_info.write(out_dir, info)
@@ -325,7 +326,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scenario", default="wild", choices=sorted(SCENARIOS),
                    help="recording conditions: wild (DFEW-like nuisance) or posed (lab: still, silent, plain)")
     p.add_argument("--contact_sheet", default=None, help="PNG path (default OUT/contact_sheet.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out (default: refuse)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset already in --out (default: refuse); shards that this run would write byte "
+                        "for byte (same settings and generator code) are kept")
     a = p.parse_args(argv)
     if os.path.exists(os.path.join(a.out, "dataset_info.json")) and not a.overwrite:
         raise SystemExit(f"python -m data_pipelines.synthetic: error: --out {a.out!r} already holds a dataset; pass "
@@ -337,8 +340,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          scenario=a.scenario, creation_command=command, progress=True)
     sheet = contact_sheet(a.out, a.contact_sheet or os.path.join(a.out, "contact_sheet.png"))
     ex = info["extra"]
+    kept = info["num_clips"] - ex["clips_rendered"]
     print(f"[synthetic] wrote {info['num_clips']} clips in {ex['generation_seconds']} s "
-          f"({ex['clips_per_second']} clips/s, {a.workers} workers) to {a.out}; contact sheet {sheet}")
+          f"({ex['clips_per_second']} clips/s, {a.workers} workers{f'; {kept} kept from an earlier run' if kept else ''})"
+          f" to {a.out}; contact sheet {sheet}")
     return info
 
 
