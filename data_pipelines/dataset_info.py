@@ -124,8 +124,8 @@ def load(directory: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         size = os.path.getsize(target)
         sidecars = os.path.isdir(os.path.join(directory, SIDECAR_DIR))
-        repair = ("rerun the data_pipelines.build command that made it with the same --out: the finished shards are "
-                  "reused and dataset_info.json is rewritten from their _build/ sidecars" if sidecars else
+        repair = ("rerun the command that made it with the same --out (python -m data_pipelines.synthetic also needs "
+                  "--overwrite): the finished shards are reused and dataset_info.json is rewritten" if sidecars else
                   "rebuild the dataset (the command that made it is at the top of an intact copy's "
                   "'creation_command')")
         raise DatasetInfoError(f"{target} ({size} bytes) cannot be read: {e}. The file is damaged or was cut short "
