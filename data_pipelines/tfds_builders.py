@@ -1,8 +1,8 @@
 """TensorFlow Datasets builders (ArrayRecord output, no TensorFlow needed): the synthetic faces, and DFEW, MAFW and
 FERV39k from a manual-download folder.
 
-Why: users of big_vision / scenic expect datasets behind ``tfds`` - ``builder.download_and_prepare()`` (or
-``tfds build``) and then ``tfds.data_source(...)`` into grain. These builders are a front door over the project's
+Why: users of big_vision / scenic expect datasets behind ``tfds`` - ``builder.download_and_prepare()`` (what
+``tfds build`` runs) and then ``tfds.data_source(...)`` into grain. These builders are a front door over the project's
 own code, not a second implementation: :class:`SyntheticFaces` writes the clips of ``python -m
 data_pipelines.synthetic`` (``synthetic.render_clip`` of the same seed, split and index, JPEG-encoded at the same
 quality); :class:`Dfew`, :class:`Mafw` and :class:`Ferv39k` plan with ``build_plans.plan_from_annotations`` and
@@ -24,7 +24,7 @@ Works with ``tensorflow-datasets==4.9.10`` and no TensorFlow installed, within t
   slow for the real datasets, which ``data_pipelines.build --workers N`` converts on N cores;
 * the file format must be ArrayRecord: TFDS's default, TFRecord, fails at the end of each split
   (``ModuleNotFoundError: Failed to finalize writing of split "pretrain": No module named 'tensorflow'``), so these
-  builders default to ``file_format="array_record"`` (``tfds build`` needs ``--file_format=array_record``);
+  builders default to ``file_format="array_record"`` (``tfds build`` passes a format only when given one);
 * a builder class inside a package needs ``importlib_resources`` (``DatasetBuilder.code_path``), which
   tensorflow-datasets 4.9.10 declares only for Python < 3.9: ``requirements.txt`` pins it;
 * for grain worker processes the builder class must be importable (it is: this module), not defined in
@@ -196,7 +196,11 @@ Relative clip paths in the CSVs are taken inside the manual folder too.
 
     def _split_generators(self, dl_manager):
         manual = os.fspath(dl_manager.manual_dir)
-        plan = build_plans.plan_from_annotations(self._plan_args(manual))
+        try:
+            plan = build_plans.plan_from_annotations(self._plan_args(manual))
+        except build_plans.BuildConfigError as e:  # the layout is wrong: say what is expected
+            raise build_plans.BuildConfigError(f"{self.name}: manual folder {manual}: {e}\n\n"
+                                               f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
         prefix = f"fold{self.builder_config.fold}/" if self.builder_config.fold else ""
         splits = {name[len(prefix):]: ids for name, ids in plan.splits.items()
                   if name.startswith(prefix) and "/" not in name[len(prefix):]}
@@ -212,7 +216,7 @@ Relative clip paths in the CSVs are taken inside the manual folder too.
             with open(remap_file, encoding="utf-8") as f:
                 for line in f:
                     old, sep, new = line.strip().partition("=")
-                    if sep:
+                    if sep and not line.lstrip().startswith("#"):
                         remaps.append(f"{old}={os.path.join(manual, os.path.expanduser(new))}")
         return argparse.Namespace(name=self.LAYOUT, annotations=os.path.join(manual, "annotations"),
                                   path_remap=remaps, classes=None, targets=None, unlabeled=False, root=manual,
