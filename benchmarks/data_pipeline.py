@@ -40,8 +40,9 @@ import cv2
 import numpy as np
 
 from configs.base import base_config
-from data_pipelines import clip_transforms, pipeline, records, transforms
+from data_pipelines import clip_transforms, dataset_info, pipeline, records, transforms
 from facemae_jax import masking
+
 
 def synthetic_frames(rng: np.random.Generator, num_frames: int, size: int, texture: str) -> np.ndarray:
     """uint8 [F, size, size, 3] of noise; 'smooth' = low-frequency noise + grain, drifting slowly over time."""
@@ -75,17 +76,12 @@ def write_dataset(
                 jpeg_bytes += [len(b) for b in rec.frames]
                 labels.append(int(c % 7))
                 writer.write(rec)
-    info = {
-        "format": "facemae_dataset", "version": 1, "name": "benchmark", "source": f"synthetic {texture} noise",
-        "creation_command": " ".join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "num_clips": num_clips, "shards": names, "frame_size": {"height": size, "width": size},
-        "task": "classification", "class_names": [f"class{i}" for i in range(7)],
-        "label_histogram": {str(k): labels.count(k) for k in range(7)},
-        "splits": {"train": list(range(num_clips)), "pretrain": list(range(num_clips))},
-        "skipped": [], "extra": {},
-    }  # fmt: skip
-    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
-        json.dump(info, f)
+    dataset_info.write(directory, dataset_info.make(
+        name="benchmark", source=f"synthetic {texture} noise", creation_command=" ".join(sys.argv),
+        num_clips=num_clips, shards=names, frame_size={"height": size, "width": size}, task="classification",
+        class_names=[f"class{i}" for i in range(7)], label_histogram={str(k): labels.count(k) for k in range(7)},
+        splits={"train": list(range(num_clips)), "pretrain": list(range(num_clips))},
+    ))
     return {"mean_frames_per_clip": float(frame_counts.mean()), "mean_jpeg_kb": float(np.mean(jpeg_bytes) / 1024)}
 
 
@@ -206,9 +202,9 @@ def device_augment_cost(model_name: str, overrides: dict, batch: int, repeats: i
     import jax.numpy as jnp
     import optax
 
+    from configs.base import base_config
     from facemae_jax import augment, randaugment, sharding, steps, targets
     from facemae_jax.models import create_model, get_config
-    from configs.base import base_config
     from facemae_jax.train import create_state
 
     cfg = get_config(model_name, **overrides)

@@ -62,497 +62,32 @@ memory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import hashlib
-import json
 import math
-import multiprocessing as mp
 import os
 import re
 import shlex
 import sys
-import time
 from collections import Counter
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from data_pipelines import records, video_io
-from data_pipelines.progress import bar as progress_bar
-from data_pipelines.sources import official_csv, videos
+from data_pipelines import dataset_info, records, shard_runner
+from data_pipelines.build_plans import (
+    CSV_NAMES,
+    VIDEO_NAMES,
+    BuildConfigError,
+    BuildPlan,
+    plan_from_annotations,
+    plan_from_videos,
+)
+from data_pipelines.clip_conversion import FrameOptions, shard_fingerprint, write_shard
+from data_pipelines.sources import official_csv
 
-CSV_NAMES = (*official_csv.OFFICIAL_LAYOUTS, "csv")
-VIDEO_NAMES = ("voxceleb2", "videos")
-SIDECAR_DIR = "_build"
-# --face_crop on a video whose decoded frames would exceed this goes through the streamed two-pass tracker
-# (data_pipelines.face_tracks); shorter clips keep the in-memory detect_and_crop (their bytes stay as before).
-STREAMED_FACE_CROP_BYTES = 256 * 2**20
-INFO_FILE = "dataset_info.json"
-
-
-class BuildConfigError(ValueError):
-    """The command line or the input layout cannot work; raised before anything is written."""
-
-
-class ClipSkipped(Exception):
-    """One input cannot become a record. ``category`` groups the stderr summary; str() is 'category: detail'."""
-
-    def __init__(self, category: str, detail: str):
-        super().__init__(f"{category}: {detail}")
-        self.category = category
-
+INFO_FILE = dataset_info.FILE
 
 # ---------------------------------------------------------------------------------------------------------------
-# What to convert, and how
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ClipInput:
-    """One planned record: a clip folder, a single image, or a video file."""
-
-    clip_id: str
-    path: str
-    label: int | tuple[float, ...] | None
-    fold: int | None
-    split: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class FrameOptions:
-    """Everything that decides the bytes of a record (all of it except decode_threads is in the fingerprint)."""
-
-    short_side: int
-    jpeg_quality: int
-    frame_ext: str
-    fixed_crop: bool
-    face_crop: bool
-    face_margin: float | None
-    face_detect_every: int | None
-    max_frames: int | None
-    frame_stride: int
-    decode_threads: int = 0
-    store_original: bool = False  # keep frame files' bytes as they are (no resize, no re-encoding)
-    keep_truncated: bool = False  # keep videos that decode to fewer frames than declared (flagged), or skip them
-
-    def content_fields(self) -> dict[str, Any]:
-        fields = dataclasses.asdict(self)
-        del fields["decode_threads"]
-        if not self.store_original:  # absent = re-encoded, so shards built before the option keep their fingerprint
-            del fields["store_original"]
-        if not fields["keep_truncated"]:  # the default leaves the fingerprints of earlier builds unchanged
-            del fields["keep_truncated"]
-        return fields
-
-
-@dataclasses.dataclass
-class BuildPlan:
-    name: str
-    source: str
-    task: str
-    class_names: list[str] | None
-    target_names: list[str] | None
-    folds: int | None
-    inputs: list[ClipInput]  # sorted by clip_id: the record order
-    splits: dict[str, list[str]]  # split name -> clip ids
-    skipped: list[dict[str, str]]  # problems found while planning (annotation lines, class folders)
-    warnings: list[str]
-    extra: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardTask:
-    out_dir: str
-    shard_name: str
-    inputs: tuple[ClipInput, ...]
-    options: FrameOptions
-    fingerprint: str
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Frame processing: decode -> (fixed crop | face crop | resize) -> JPEG
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side = ``short_side`` and the aspect ratio kept (long side rounded)."""
-    if width <= height:
-        return short_side, max(1, round(height * short_side / width))
-    return max(1, round(width * short_side / height)), short_side
-
-
-def resize_short_side(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """PIL bilinear resize to ``size`` (w, h); Pillow widens the filter when shrinking (area-aware, anti-aliased),
-    which is what the reference's PIL-based loader does."""
-    return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
-
-
-def fixed_top_centre_crop(img: Image.Image, side: int) -> Image.Image:
-    """Rows [0, side), cols [(W - side)//2, (W - side)//2 + side): QUIRKS Q24's VoxCeleb2 crop for W=224, side=160."""
-    w, h = img.size
-    if w < side or h < side:
-        raise ClipSkipped("frame too small", f"{w}x{h} frame cannot hold the {side}x{side} fixed top-centre crop")
-    left = (w - side) // 2
-    return img.crop((left, 0, left + side, side))
-
-
-def _source_frames(inp: ClipInput, opts: FrameOptions,
-                   extra: dict | None = None) -> tuple[Iterator[Image.Image], float | None, str]:
-    """Open the clip input -> (RGB frames in temporal order, fps of the stored frames, kind).
-
-    A video that decodes to fewer frames than its header declares, or stops with a decoding error, is truncated
-    (a faststart mp4 cut short opens fine and would silently become a shorter clip): the frame iterator raises
-    ClipSkipped("truncated video") at its end, or with ``opts.keep_truncated`` records
-    ``extra["truncated"] = {declared_frames, decoded_frames, error}`` and keeps what decoded."""
-    path = inp.path
-    if not os.path.exists(path):
-        raise ClipSkipped("missing path", f"{path} does not exist")
-    if os.path.isdir(path):
-        files = official_csv.list_frame_files(path, opts.frame_ext)
-        if not files:
-            raise ClipSkipped("empty clip folder", f"no *.{opts.frame_ext} frame in {path}")
-        files = files[:: opts.frame_stride][: opts.max_frames]
-        return (official_csv.open_frame(f) for f in files), None, "frames"
-    if path.lower().endswith(official_csv.IMAGE_EXTENSIONS):  # the reference repeats a lone image 16 times
-        return iter([official_csv.open_frame(path)]), None, "image"
-    video = video_io.VideoFile(path, threads=opts.decode_threads)
-    fps = video.fps / opts.frame_stride if video.fps else None
-
-    def frames() -> Iterator[Image.Image]:
-        with video:
-            for rgb in video.frames(frame_stride=opts.frame_stride, max_frames=opts.max_frames,
-                                    on_error="stop" if opts.keep_truncated else "raise"):
-                yield Image.fromarray(rgb)
-            truncation = video.truncation()
-        if truncation is not None and not opts.keep_truncated:
-            raise ClipSkipped("truncated video", f"{video_io.truncation_note(path, truncation)} (--keep_truncated "
-                                                 f"keeps such clips, flagged in the record's extra.truncated)")
-        if truncation is not None and extra is not None:
-            extra["truncated"] = truncation
-
-    return frames(), fps, "video"
-
-
-def convert_clip(inp: ClipInput, opts: FrameOptions) -> tuple[records.ClipRecord, str]:
-    """One input -> (record, 'HxW' of the source frames). Raises ClipSkipped for unusable inputs."""
-    try:
-        extra: dict[str, Any] = {}
-        frames, fps, kind = _source_frames(inp, opts, extra)
-        if kind == "image":
-            extra["single_image"] = True
-        if opts.frame_stride > 1:
-            extra["frame_stride"] = opts.frame_stride
-        if opts.store_original:
-            jpegs, size, source_size = _original_frames(inp, opts)
-            extra["stored"] = "original"
-        elif opts.face_crop and kind == "video" and _decoded_bytes(inp.path, opts) > STREAMED_FACE_CROP_BYTES:
-            jpegs, size, source_size = _streamed_face_crop_frames(inp, opts, extra)
-        elif opts.face_crop:
-            jpegs, size, source_size = _face_crop_frames(inp, frames, opts, extra)
-        else:
-            jpegs, size, source_size = _plain_frames(frames, opts)
-    except official_csv.FrameReadError as e:
-        raise ClipSkipped("unreadable frame", str(e)) from e
-    except video_io.VideoReadError as e:
-        raise ClipSkipped("unreadable video", str(e)) from e
-    extra["source_size"] = list(source_size)
-    rec = records.ClipRecord(
-        clip_id=inp.clip_id, frames=jpegs, height=size[0], width=size[1], source=inp.path, label=inp.label,
-        fold=inp.fold, split=inp.split, fps=fps, extra=extra,
-    )
-    return rec, f"{source_size[0]}x{source_size[1]}"
-
-
-def _plain_frames(frames: Iterator[Image.Image], opts: FrameOptions):
-    """Resize (or fixed-crop) and JPEG-encode frame by frame, so memory stays bounded for long videos."""
-    jpegs: list[bytes] = []
-    target = source_size = None
-    for img in frames:
-        if source_size is None:
-            source_size = (img.height, img.width)
-            target = None if opts.fixed_crop else short_side_size(img.width, img.height, opts.short_side)
-        # Every frame goes to the first frame's target size (the reference resizes each frame to 160x160 too).
-        out = fixed_top_centre_crop(img, opts.short_side) if opts.fixed_crop else resize_short_side(img, target)
-        jpegs.append(records.encode_jpeg(np.asarray(out), opts.jpeg_quality))
-    if not jpegs:
-        raise ClipSkipped("no frames", "the input yielded no frame")
-    return jpegs, (out.height, out.width), source_size
-
-
-def _original_frames(inp: ClipInput, opts: FrameOptions):
-    """The frame files' own bytes (JPEG or PNG), unchanged: what the reference loader reads, so eval views are
-    bit-identical to the reference's (``--store_original_frames``; the eval-views golden checks this). Every file
-    is decoded once here so that a corrupt frame is skipped at conversion, as with the default storage."""
-    if os.path.isdir(inp.path):
-        files = official_csv.list_frame_files(inp.path, opts.frame_ext)[:: opts.frame_stride][: opts.max_frames]
-    elif inp.path.lower().endswith(official_csv.IMAGE_EXTENSIONS):
-        files = [inp.path]
-    else:
-        raise ClipSkipped("not a frame folder", f"{inp.path} is a video: --store_original_frames keeps frame files")
-    data, size = [], None
-    for f in files:
-        with open(f, "rb") as fh:
-            raw = fh.read()
-        if not raw.startswith(records.ORIGINAL_FRAME_MAGIC):
-            raise ClipSkipped("unsupported frame format", f"{f}: only JPEG and PNG frames can be stored unchanged")
-        img = official_csv.open_frame(f)
-        if size is None:
-            size = (img.height, img.width)
-        elif (img.height, img.width) != size:
-            raise ClipSkipped("frame size changes", f"{f} is {img.width}x{img.height}, the clip's first frame "
-                                                    f"{size[1]}x{size[0]}: stored frames must share one size")
-        data.append(raw)
-    return data, size, size
-
-
-def _decoded_bytes(path: str, opts: FrameOptions) -> int:
-    """RGB bytes of the frames a video would decode to (header frame count; 0 when the header has none)."""
-    with video_io.VideoFile(path, threads=1) as video:
-        frames = -(-video.declared_frames // opts.frame_stride)
-        if opts.max_frames is not None:
-            frames = min(frames, opts.max_frames)
-        return frames * video.height * video.width * 3
-
-
-def _streamed_face_crop_frames(inp: ClipInput, opts: FrameOptions, extra: dict):
-    """Face crop of a long video in two streamed passes (data_pipelines.face_tracks): memory stays bounded."""
-    from data_pipelines import face_tracks, faces
-
-    defaults = face_tracks.TrackingOptions()
-    options = face_tracks.TrackingOptions(
-        detect_every=opts.face_detect_every or defaults.detect_every, search_seconds=None,
-        margin=defaults.margin if opts.face_margin is None else opts.face_margin)
-    try:
-        track, crops, truncation, source_size = face_tracks.largest_face_crops(
-            inp.path, opts.short_side, options, frame_stride=opts.frame_stride, max_frames=opts.max_frames,
-            threads=opts.decode_threads, on_error="stop" if opts.keep_truncated else "raise")
-    except faces.NoFaceFound as e:
-        raise ClipSkipped("no face found", f"{inp.path}: {e}") from e
-    if truncation is not None and not opts.keep_truncated:
-        raise ClipSkipped("truncated video", f"{video_io.truncation_note(inp.path, truncation)} (--keep_truncated "
-                                             f"keeps such clips, flagged in the record's extra.truncated)")
-    if truncation is not None:
-        extra["truncated"] = truncation
-    extra["face_boxes"] = np.round(np.asarray(track.boxes, np.float64), 1).tolist()
-    extra["face_detected_fraction"] = float(np.mean(track.detected))
-    extra["face_crop_streamed"] = True
-    jpegs = [records.encode_jpeg(c, opts.jpeg_quality) for c in crops]
-    return jpegs, (opts.short_side, opts.short_side), source_size
-
-
-def _face_crop_frames(inp: ClipInput, frames: Iterator[Image.Image], opts: FrameOptions, extra: dict):
-    """Detect, track and crop the face over the whole clip (needs all frames in memory: T x H x W x 3 bytes)."""
-    from data_pipelines import faces  # lazy: the converter works without the face module unless --face_crop
-
-    arrays = [np.asarray(img) for img in frames]
-    if not arrays:
-        raise ClipSkipped("no frames", "the input yielded no frame")
-    if len({a.shape for a in arrays}) > 1:
-        raise ClipSkipped("inconsistent frame sizes", f"{sorted({a.shape[:2] for a in arrays})} in {inp.path}")
-    kwargs = {}
-    if opts.face_margin is not None:
-        kwargs["margin"] = opts.face_margin
-    if opts.face_detect_every is not None:
-        kwargs["detect_every"] = opts.face_detect_every
-    try:
-        track = faces.detect_and_crop(np.stack(arrays), opts.short_side, **kwargs)
-    except faces.NoFaceFound as e:
-        raise ClipSkipped("no face found", f"{inp.path}: {e}") from e
-    extra["face_boxes"] = np.round(np.asarray(track.boxes, np.float64), 1).tolist()
-    extra["face_detected_fraction"] = float(np.mean(track.detected))
-    jpegs = [records.encode_jpeg(c, opts.jpeg_quality) for c in track.crops]
-    return jpegs, track.crops.shape[1:3], arrays[0].shape[:2]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shards (run in worker processes)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sidecar_path(out_dir: str, shard_name: str) -> str:
-    return os.path.join(out_dir, SIDECAR_DIR, shard_name + ".json")
-
-
-def build_shard(task: ShardTask, progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """Convert the inputs of one shard, write the shard and its sidecar; return the sidecar dict."""
-    start = time.monotonic()
-    written: list[str] = []
-    skipped: list[dict[str, str]] = []
-    num_frames: list[int] = []
-    source_sizes: Counter = Counter()
-    labels: Counter = Counter()
-    with records.ShardWriter(os.path.join(task.out_dir, task.shard_name)) as writer:
-        for inp in task.inputs:
-            try:
-                rec, source_size = convert_clip(inp, task.options)
-            except ClipSkipped as e:
-                skipped.append({"input": inp.path, "reason": str(e)})
-            except Exception as e:  # a broken input must never stop a million-clip build; the reason says what
-                skipped.append({"input": inp.path, "reason": f"unexpected error: {type(e).__name__}: {e}"})
-            else:
-                writer.write(rec)
-                written.append(inp.clip_id)
-                num_frames.append(rec.num_frames)
-                source_sizes[source_size] += 1
-                if isinstance(inp.label, int):
-                    labels[str(inp.label)] += 1
-            progress(1)
-    sidecar = {
-        "shard": task.shard_name,
-        "fingerprint": task.fingerprint,
-        "num_records": len(written),
-        "clip_ids": written,
-        "num_frames": num_frames,
-        "source_frame_sizes": dict(source_sizes),
-        "label_histogram": dict(sorted(labels.items(), key=lambda kv: int(kv[0]))),
-        "skipped": skipped,
-        "seconds": round(time.monotonic() - start, 3),
-    }
-    _write_json_atomic(sidecar_path(task.out_dir, task.shard_name), sidecar)
-    return sidecar
-
-
-_worker_counter = None
-
-
-def _init_worker(counter) -> None:
-    global _worker_counter
-    _worker_counter = counter
-
-
-def _count_clip(n: int) -> None:
-    with _worker_counter.get_lock():
-        _worker_counter.value += n
-
-
-def _build_shard_in_worker(task: ShardTask) -> dict[str, Any]:
-    return build_shard(task, _count_clip)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def shard_fingerprint(shard_name: str, inputs: Sequence[ClipInput], options: FrameOptions) -> str:
-    """Hash of what decides a shard's bytes: a shard built from other inputs or options is rebuilt on resume."""
-    payload = json.dumps(
-        {"shard": shard_name, "options": options.content_fields(), "inputs": [dataclasses.astuple(i) for i in inputs]},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _load_finished_sidecar(task: ShardTask) -> dict[str, Any] | None:
-    """The sidecar of a shard finished by an earlier run with the same plan, else None (shard must be built)."""
-    if not os.path.exists(os.path.join(task.out_dir, task.shard_name)):
-        return None
-    try:
-        with open(sidecar_path(task.out_dir, task.shard_name)) as f:
-            sidecar = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return sidecar if sidecar.get("fingerprint") == task.fingerprint else None
-
-
-def run_tasks(
-    tasks: Sequence[ShardTask], *, workers: int, total_clips: int, done_clips: int, progress: bool
-) -> list[dict]:
-    """Build the shards (in-process for one worker, else a spawn pool); progress bar counts clips."""
-    bar = progress_bar(total=total_clips, initial=done_clips, unit="clip", desc="converting", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            return [build_shard(t, bar.update) for t in tasks]
-        ctx = mp.get_context("spawn")  # fork is unsafe once a parent has threads (e.g. JAX in the same process)
-        counter = ctx.Value("q", 0)
-        with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
-            pending = [pool.apply_async(_build_shard_in_worker, (t,)) for t in tasks]
-            results: list[dict | None] = [None] * len(tasks)
-            shown = 0
-            while any(r is None for r in results):
-                time.sleep(0.2)
-                for i, r in enumerate(pending):
-                    if results[i] is None and r.ready():
-                        results[i] = r.get()  # re-raises a worker's crash (disk full, ...) here
-                bar.update(counter.value - shown)
-                shown = counter.value
-            return results
-    finally:
-        bar.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Planning
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def plan_from_annotations(args: argparse.Namespace) -> BuildPlan:
-    layout = official_csv.OFFICIAL_LAYOUTS.get(args.name)
-    if layout is None and args.classes is None and args.targets is None and not args.unlabeled:
-        task_note = "inferred from the column count (no --classes/--targets/--unlabeled)"
-    else:
-        task_note = None
-    try:
-        remaps = [official_csv.PathRemap.parse(r) for r in args.path_remap]
-        ann = official_csv.load_annotations(
-            args.annotations,
-            num_folds=layout.num_folds if layout else None,
-            required_splits=official_csv.OFFICIAL_REQUIRED_SPLITS if layout else (),
-            class_names=layout.class_names if layout else args.classes,
-            target_names=args.targets,
-            unlabeled=args.unlabeled,
-            path_remaps=remaps,
-            root=args.root,
-        )
-    except official_csv.AnnotationError as e:
-        raise BuildConfigError(str(e)) from e
-    inputs = [ClipInput(c.clip_id, c.path, c.label, c.fold, c.split) for c in ann.clips]
-    extra = {
-        "input": "annotation CSVs over frame folders",
-        "annotations": os.path.abspath(args.annotations),
-        "annotation_files": [os.path.relpath(f, args.annotations) if os.path.isdir(args.annotations) else f
-                             for f in ann.files],
-        "path_remap": [f"{r.old}={r.new}" for r in remaps],
-        "structure_check": ann.checks,
-    }
-    if task_note:
-        extra["task_inferred"] = f"{ann.task}: {task_note}"
-    return BuildPlan(
-        name=args.dataset_name, source=ann.root, task=ann.task, class_names=ann.class_names,
-        target_names=ann.target_names, folds=ann.num_folds or None, inputs=inputs, splits=ann.splits,
-        skipped=ann.skipped, warnings=ann.warnings, extra=extra,
-    )
-
-
-def plan_from_videos(args: argparse.Namespace) -> BuildPlan:
-    try:
-        if args.name == "voxceleb2":
-            listing = videos.find_voxceleb2(args.root)
-        else:
-            listing = videos.find_videos(args.root, labels_from_folders=args.labels_from_folders,
-                                         class_names=args.classes)
-    except videos.VideoSourceError as e:
-        raise BuildConfigError(str(e)) from e
-    split = args.split or ("train" if listing.class_names else "pretrain")
-    inputs = [ClipInput(c.clip_id, c.path, c.label, None, split) for c in listing.clips]
-    return BuildPlan(
-        name=args.dataset_name, source=listing.root, task="classification" if listing.class_names else "unlabeled",
-        class_names=listing.class_names, target_names=None, folds=None, inputs=inputs,
-        splits={split: [c.clip_id for c in listing.clips]}, skipped=listing.skipped, warnings=[],
-        extra={"input": "video files" + (" (VoxCeleb2 layout)" if args.name == "voxceleb2" else ""),
-               "labels_from_folders": bool(args.labels_from_folders)},
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# dataset_info.json
+# dataset_info.json from the plan and the shards' sidecars
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -575,36 +110,12 @@ def assemble_info(plan: BuildPlan, opts: FrameOptions, shard_names: list[str], s
     for s in sidecars:
         source_sizes.update(s["source_frame_sizes"])
     square = opts.fixed_crop or opts.face_crop
-    info: dict[str, Any] = {
-        "format": "facemae_dataset",
-        "version": 1,
-        "name": plan.name,
-        "source": plan.source,
-        "creation_command": creation_command,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "num_clips": len(clip_index),
-        "shards": list(shard_names),
-        "frame_size": (
-            {"original": True} if opts.store_original  # as the files are; extra.source_frame_sizes has them
-            else {"height": opts.short_side, "width": opts.short_side} if square else {"short_side": opts.short_side}
-        ),
-        "task": plan.task,
-    }
-    if plan.task == "classification":
-        info["class_names"] = list(plan.class_names)
-    if plan.task == "regression":
-        info["target_names"] = list(plan.target_names)
+    label_histogram = {}
     if plan.task == "classification":
         totals = Counter()
         for sidecar in sidecars:
             totals.update(sidecar["label_histogram"])
-        info["label_histogram"] = {str(i): totals.get(str(i), 0) for i in range(len(plan.class_names))}
-    else:
-        info["label_histogram"] = {}
-    info["splits"] = splits
-    if plan.folds:
-        info["folds"] = plan.folds
-    info["skipped"] = list(plan.skipped) + [entry for s in sidecars for entry in s["skipped"]]
+        label_histogram = {str(i): totals.get(str(i), 0) for i in range(len(plan.class_names))}
     extra = dict(plan.extra)
     extra["builder"] = "data_pipelines.build"
     extra["preprocessing"] = {
@@ -625,8 +136,17 @@ def assemble_info(plan: BuildPlan, opts: FrameOptions, shard_names: list[str], s
                                            for name, ids in plan.splits.items()}
     if plan.warnings:
         extra["warnings"] = list(plan.warnings)
-    info["extra"] = extra
-    return info
+    return dataset_info.make(
+        name=plan.name, source=plan.source, creation_command=creation_command, num_clips=len(clip_index),
+        shards=shard_names,
+        frame_size=({"original": True} if opts.store_original  # as the files are; extra.source_frame_sizes has them
+                    else {"height": opts.short_side, "width": opts.short_side} if square
+                    else {"short_side": opts.short_side}),
+        task=plan.task, class_names=plan.class_names if plan.task == "classification" else None,
+        target_names=plan.target_names if plan.task == "regression" else None, label_histogram=label_histogram,
+        splits=splits, folds=plan.folds, skipped=list(plan.skipped) + [e for s in sidecars for e in s["skipped"]],
+        extra=extra,
+    )
 
 
 def _summarise(info: dict, out_dir: str, built: int, reused: int, seconds: float, warnings: Sequence[str]) -> None:
@@ -773,32 +293,23 @@ def build(args: argparse.Namespace, creation_command: str) -> dict[str, Any]:
     if os.path.isfile(out_dir):
         raise BuildConfigError(f"--out {out_dir!r} is a file")
     os.makedirs(out_dir, exist_ok=True)
-    foreign = sorted(set(n for n in os.listdir(out_dir) if n.endswith(".array_record")) - set(names))
+    foreign = shard_runner.stray_shards(out_dir, names)
     if foreign:
         raise BuildConfigError(
             f"--out {out_dir!r} already holds {len(foreign)} shard(s) of another build plan (e.g. {foreign[0]}; this "
             f"plan makes {names[0]} ...): the inputs or --clips_per_shard changed. Use a new folder or delete them."
         )
 
-    tasks = []
+    jobs = []
     for i, name in enumerate(names):
         chunk = tuple(plan.inputs[i * args.clips_per_shard:(i + 1) * args.clips_per_shard])
-        tasks.append(ShardTask(out_dir, name, chunk, opts, shard_fingerprint(name, chunk, opts)))
-    sidecars: list[dict | None] = [_load_finished_sidecar(t) for t in tasks]
-    todo = [t for t, s in zip(tasks, sidecars) if s is None]
-    done_clips = sum(len(t.inputs) for t, s in zip(tasks, sidecars) if s is not None)
-
-    info_path = os.path.join(out_dir, INFO_FILE)
-    if todo and os.path.exists(info_path):  # while shards change, the folder must not look like a finished dataset
-        os.remove(info_path)
-    start = time.monotonic()
-    fresh = iter(run_tasks(todo, workers=args.workers, total_clips=len(plan.inputs), done_clips=done_clips,
-                           progress=not args.no_progress))
-    sidecars = [s if s is not None else next(fresh) for s in sidecars]
-
-    info = assemble_info(plan, opts, names, sidecars, creation_command)
-    _write_json_atomic(info_path, info)
-    _summarise(info, out_dir, len(todo), len(tasks) - len(todo), time.monotonic() - start, plan.warnings)
+        jobs.append(shard_runner.ShardJob(out_dir, name, shard_fingerprint(name, chunk, opts), len(chunk),
+                                          (chunk, opts)))
+    result = shard_runner.run(jobs, write_shard, workers=args.workers, progress=not args.no_progress,
+                              desc="converting")
+    info = assemble_info(plan, opts, names, result.sidecars, creation_command)
+    dataset_info.write(out_dir, info)
+    _summarise(info, out_dir, result.built, result.reused, result.seconds, plan.warnings)
     return info
 
 
@@ -822,3 +333,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

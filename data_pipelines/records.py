@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from typing import Any, Iterable, Sequence
 
 import msgpack
 import numpy as np
 import simplejpeg
+
+from data_pipelines import dataset_info
 
 FORMAT = "facemae_clip"
 VERSION = 1
@@ -272,26 +273,7 @@ def read_records(paths: str | Sequence[str]) -> Iterable[ClipRecord]:
         yield decode_clip(src[i], where=f"{paths} #{i}")
 
 
-class DatasetInfoError(ValueError):
-    """dataset_info.json exists but cannot be read (cut short, damaged, not a JSON object)."""
-
-
-def load_dataset_info(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, "dataset_info.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {directory!r} a folder written by data_pipelines.build?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        size = os.path.getsize(path)
-        sidecars = os.path.isdir(os.path.join(directory, "_build"))
-        repair = ("rerun the data_pipelines.build command that made it with the same --out: the finished shards are "
-                  "reused and dataset_info.json is rewritten from their _build/ sidecars" if sidecars else
-                  "rebuild the dataset (the command that made it is at the top of an intact copy's "
-                  "'creation_command')")
-        raise DatasetInfoError(f"{path} ({size} bytes) cannot be read: {e}. The file is damaged or was cut short "
-                               f"(a full disk, an interrupted copy); {repair}.") from None
-    if not isinstance(info, dict):
-        raise DatasetInfoError(f"{path}: expected a JSON object, found {type(info).__name__}")
-    return info
+# dataset_info.json lives in data_pipelines.dataset_info (schema, writer, validator); these two names stay here for
+# the readers that still import them from records (data_pipelines.pipeline, facemae_jax.train).
+DatasetInfoError = dataset_info.DatasetInfoError
+load_dataset_info = dataset_info.load

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from data_pipelines import synthetic, video_io
+from data_pipelines import synthetic, synthetic_identities, video_io
 
 
 def render(expressions: list[str], *, frames_per_expression: int, size: int, seed: int,
@@ -25,7 +25,7 @@ def render(expressions: list[str], *, frames_per_expression: int, size: int, see
     if unknown:
         raise ValueError(f"unknown expressions {unknown}; choose from {list(synthetic.CLASS_NAMES)}")
     rng = np.random.default_rng(seed)
-    person = synthetic.sample_identity(rng, name=f"video-{seed}")
+    person = synthetic_identities.sample_identity(rng, name=f"video-{seed}")
     clips = [synthetic.generate_clip(rng, synthetic.CLASS_NAMES.index(e), frames=frames_per_expression, size=size,
                                      identity=person, scenario=scenario)[0] for e in expressions]
     return np.concatenate(clips)

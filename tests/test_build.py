@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import build, records, video_io
+from data_pipelines import build, clip_conversion, records, shard_runner, video_io
 from data_pipelines.sources import official_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -464,18 +464,18 @@ def test_resume_rebuilds_only_missing_shards(tmp_path, capsys):
 def test_interrupted_build_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
     data, ann = make_kfold_tree(tmp_path)
     out = tmp_path / "out"
-    real_convert = build.convert_clip
+    real_convert = clip_conversion.convert_clip
 
     def interrupt_at_clip_7(inp, opts):  # clip 7 lies in the second of three shards
         if inp.clip_id == "00007":
             raise KeyboardInterrupt
         return real_convert(inp, opts)
 
-    monkeypatch.setattr(build, "convert_clip", interrupt_at_clip_7)
+    monkeypatch.setattr(clip_conversion, "convert_clip", interrupt_at_clip_7)
     with pytest.raises(KeyboardInterrupt):
         run_main(dfew_argv(data, ann, out))
     names = [records.shard_name("dfew", i, 3) for i in range(3)]
-    assert sorted(p.name for p in out.iterdir()) == [build.SIDECAR_DIR, names[0]]  # no half shard, no info file
+    assert sorted(p.name for p in out.iterdir()) == [shard_runner.SIDECAR_DIR, names[0]]  # no half shard, no info file
     monkeypatch.undo()
 
     assert run_main(dfew_argv(data, ann, out)) == 0
@@ -501,5 +501,5 @@ def test_module_entry_with_worker_processes_matches_in_process_build(tmp_path):
     info_sub, recs_sub = read_all(tmp_path / "sub")
     assert info_sub["splits"] == info_in["splits"] and info_sub["num_clips"] == 10
     assert [records.encode_clip(r) for r in recs_sub] == [records.encode_clip(r) for r in recs_in]
-    assert sorted(os.listdir(tmp_path / "sub" / build.SIDECAR_DIR)) == [s + ".json" for s in info_sub["shards"]]
+    assert sorted(os.listdir(tmp_path / "sub" / shard_runner.SIDECAR_DIR)) == [s + ".json" for s in info_sub["shards"]]
     shutil.rmtree(tmp_path / "sub")

@@ -621,13 +621,13 @@ def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch):
 
 def test_converter_face_crops_long_videos_in_two_streamed_passes(workspace, tmp_path, monkeypatch):
     """Above STREAMED_FACE_CROP_BYTES of decoded frames, --face_crop tracks and crops with the streaming tracker."""
-    from data_pipelines import build
+    from data_pipelines import build, clip_conversion
 
     root = tmp_path / "videos"
     root.mkdir()
     shutil.copy(workspace["videos"] / "moving.mp4", root / "moving.mp4")
     shutil.copy(workspace["videos"] / "noface.mp4", root / "noface.mp4")
-    monkeypatch.setattr(build, "STREAMED_FACE_CROP_BYTES", 0)  # every video counts as long
+    monkeypatch.setattr(clip_conversion, "STREAMED_FACE_CROP_BYTES", 0)  # every video counts as long
     assert build.main(["videos", "--root", str(root), "--face_crop", "--short_side", "48", "--no_progress",
                        "--out", str(tmp_path / "ds")]) == 0
     (rec,) = records.read_records(str(tmp_path / "ds"))

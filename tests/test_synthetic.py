@@ -12,6 +12,7 @@ import pytest
 
 from data_pipelines import records
 from data_pipelines import synthetic as S
+from data_pipelines import synthetic_expressions
 
 SIZE, FRAMES = 48, 8
 
@@ -34,7 +35,7 @@ def _records_by_split(directory):
 
 def test_class_names_follow_dfew_order():
     assert S.CLASS_NAMES == ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
-    assert set(S.PROTOTYPES) == set(S.TIMING) == set(S.CLASS_NAMES)
+    assert set(synthetic_expressions.PROTOTYPES) == set(synthetic_expressions.TIMING) == set(S.CLASS_NAMES)
 
 
 def test_generate_clip_shapes_dtype_and_meta():
@@ -234,7 +235,7 @@ def test_label_lives_in_the_dynamics():
     def features(seed, n_per_class):
         clip_f, first_f, y = [], [], []
         for i in range(7 * n_per_class):
-            dyn = S.sample_dynamics(np.random.default_rng([seed, i]), S.CLASS_NAMES[i % 7], 32)
+            dyn = synthetic_expressions.sample_dynamics(np.random.default_rng([seed, i]), S.CLASS_NAMES[i % 7], 32)
             clip_f.append(np.concatenate([dyn.aus.max(0), dyn.aus.mean(0)]))
             first_f.append(dyn.aus[0])
             y.append(i % 7)
