@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data_pipelines import records  # noqa: E402
+from data_pipelines import dataset_info, records  # noqa: E402
 
 FRAMES, SAMPLING_RATE, MAP_SIZE = 16, 2, 16
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1)
@@ -42,7 +42,7 @@ WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1)
 def load_splits(data_dir: str, limits: dict[str, int | None]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """split -> (uint8 [N, 16, H, W, 3] sampled like the study's clips, labels [N] (-1 when unlabelled)), decoding
     at most ``limits[split]`` clips of each split (None: all)."""
-    info = records.load_dataset_info(data_dir)
+    info = dataset_info.load(data_dir)
     clips: dict[str, list] = {s: [] for s in limits}
     labels: dict[str, list] = {s: [] for s in limits}
     for rec in records.read_records([os.path.join(data_dir, s) for s in info["shards"]]):
@@ -126,7 +126,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(a.data, "dataset_info.json")):
         sys.exit(f"{a.data}: no dataset_info.json (build it with `python launch.py --config=configs/demo.py` or "
                  "`python -m data_pipelines.synthetic`)")
-    info = records.load_dataset_info(a.data)
+    info = dataset_info.load(a.data)
     num_classes = len(info["class_names"])
     data = load_splits(a.data, {"pretrain": a.recon_clips, "train": None, "test": None})
     (xtr, ytr), (xte, yte) = data["train"], data["test"]

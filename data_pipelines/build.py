@@ -1,8 +1,9 @@
 """Dataset converter: official annotation CSVs or raw videos -> a dataset directory of ArrayRecord shards.
 
-    python -m data_pipelines.build dfew --annotations /data/dfew/org --path_remap /mnt/data1/brain/AC/Dataset/DFEW=/data/DFEW --out /data/shards/dfew
+    python -m data_pipelines.build dfew --annotations /data/dfew/org \
+        --path_remap /mnt/data1/brain/AC/Dataset/DFEW=/data/DFEW --out /data/shards/dfew
     python -m data_pipelines.build ferv39k --annotations /data/ferv39k/all_scenes --path_remap OLD=NEW --out DIR
-    python -m data_pipelines.build csv --annotations my_splits/ --classes a,b,c --out DIR       # or --targets v,a / --unlabeled
+    python -m data_pipelines.build csv --annotations my_splits/ --classes a,b,c --out DIR  # or --targets / --unlabeled
     python -m data_pipelines.build voxceleb2 --root /data/VoxCeleb2/dev/mp4 --out DIR --workers 16
     python -m data_pipelines.build videos --root my_videos/ --labels_from_folders --face_crop --out DIR
 

@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipelines import integrity, records
+from data_pipelines import dataset_info, integrity, records
 
 DATASET_FORMAT = "facemae_dataset"
 DATASET_VERSION = 1
@@ -46,19 +46,9 @@ class DatasetSplit:
 
     @classmethod
     def open(cls, directory: str, split: str) -> "DatasetSplit":
-        info = records.load_dataset_info(directory)
-        where = os.path.join(directory, "dataset_info.json")
-        if info.get("format") != DATASET_FORMAT or info.get("version") != DATASET_VERSION:
-            raise ValueError(
-                f"{where}: format {info.get('format')!r} version {info.get('version')!r}, expected "
-                f"{DATASET_FORMAT!r} version {DATASET_VERSION}"
-            )
-        for key in ("shards", "splits", "num_clips", "task"):
-            if key not in info:
-                raise ValueError(f"{where}: missing key {key!r}")
+        info = dataset_info.load(directory)  # validated: format, version, required keys, task, class/target names
+        where = dataset_info.path(directory)
         task = info["task"]
-        if task not in TASKS:
-            raise ValueError(f"{where}: task {task!r} is not one of {TASKS}")
         if split not in info["splits"]:
             raise KeyError(f"{where}: no split {split!r}; the dataset has {sorted(info['splits'])}")
         paths = tuple(os.path.join(directory, name) for name in info["shards"])
@@ -71,10 +61,6 @@ class DatasetSplit:
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if int(starts[-1]) != int(info["num_clips"]):
             raise ValueError(f"{where}: num_clips is {info['num_clips']} but the shards hold {int(starts[-1])} records")
-        if task == "classification" and not info.get("class_names"):
-            raise ValueError(f"{where}: a classification dataset needs 'class_names'")
-        if task == "regression" and not info.get("target_names"):
-            raise ValueError(f"{where}: a regression dataset needs 'target_names'")
         indices = np.asarray(info["splits"][split], dtype=np.int64).reshape(-1)
         if len(indices) == 0:
             raise ValueError(f"{where}: split {split!r} is empty")

@@ -13,8 +13,8 @@ Here:
    comes into view is tracked within two seconds, less than one window of the published models) the frontal
    cascade searches the whole downscaled frame for faces that are not tracked yet; while nothing is tracked, every
    ``detect_every`` frames during the first seconds and right after a face was lost (a long face-free stretch of
-   a recording, e.g. slides, falls back to every ``scan_every`` frames). Scans dominate the cost: ~100-130 ms each at 640x480 at load 6-7 on 2 cores, against
-   ~8 ms for a re-detection (``benchmarks/predict_video.py``).
+   a recording, e.g. slides, falls back to every ``scan_every`` frames). Scans dominate the cost: ~100-130 ms each at
+   640x480 at load 6-7 on 2 cores, against ~8 ms for a re-detection (``benchmarks/predict_video.py``).
 3. **Tracked faces are re-detected around their last box** every ``detect_every`` frames (default 5): a region of
    ``ROI_SIDE`` face sizes around the last box, scaled so the face spans ~``REDETECT_FACE_PX`` pixels, with the
    cascade's window sizes limited to the plausible range (4 ms for a 72 px face at load 3, against ~100 ms for a

@@ -34,8 +34,6 @@ import msgpack
 import numpy as np
 import simplejpeg
 
-from data_pipelines import dataset_info
-
 FORMAT = "facemae_clip"
 VERSION = 1
 # group size 1 = random access; uncompressed: JPEG bytes do not compress (3% smaller shards with ArrayRecord's
@@ -153,7 +151,8 @@ def decode_clip(data: bytes, where: str = "record") -> ClipRecord:
     except Exception as e:  # msgpack raises several types
         raise RecordError(f"{where}: not a msgpack record ({e})") from e
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise RecordError(f"{where}: not a {FORMAT} record (format={d.get('format') if isinstance(d, dict) else type(d)})")
+        found = d.get("format") if isinstance(d, dict) else type(d)
+        raise RecordError(f"{where}: not a {FORMAT} record (format={found})")
     if d.get("version") != VERSION:
         raise RecordError(f"{where}: record version {d.get('version')} is not supported (this code reads {VERSION})")
     try:
@@ -190,7 +189,8 @@ def decode_frames(rec: ClipRecord, indices: Iterable[int] | None = None, min_siz
             try:
                 cache[i] = decode_frame(rec.frames[i], scale_to)
             except Exception as e:
-                raise RecordError(f"clip {rec.clip_id!r} ({rec.source}): frame {i} is not a valid JPEG/PNG ({e})") from e
+                raise RecordError(
+                    f"clip {rec.clip_id!r} ({rec.source}): frame {i} is not a valid JPEG/PNG ({e})") from e
             if scale_to and out is None:  # the DCT scale is the same for every frame of the record's size
                 expected = cache[i].shape
             if cache[i].shape != expected:
@@ -271,9 +271,3 @@ def read_records(paths: str | Sequence[str]) -> Iterable[ClipRecord]:
     src = ArrayRecordDataSource(paths)
     for i in range(len(src)):
         yield decode_clip(src[i], where=f"{paths} #{i}")
-
-
-# dataset_info.json lives in data_pipelines.dataset_info (schema, writer, validator); these two names stay here for
-# the readers that still import them from records (data_pipelines.pipeline, facemae_jax.train).
-DatasetInfoError = dataset_info.DatasetInfoError
-load_dataset_info = dataset_info.load

@@ -262,7 +262,7 @@ def contact_sheet(out_dir: str, path: str, *, columns: int = 8, split_order: Seq
     fresh with generate_clip."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-    info = records.load_dataset_info(out_dir)
+    info = dataset_info.load(out_dir)
     source = ArrayRecordDataSource([os.path.join(out_dir, s) for s in info["shards"]])
     chosen: dict[int, tuple[np.ndarray, dict]] = {}
     for split in split_order:
@@ -342,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ex = info["extra"]
     kept = info["num_clips"] - ex["clips_rendered"]
     print(f"[synthetic] wrote {info['num_clips']} clips in {ex['generation_seconds']} s "
-          f"({ex['clips_per_second']} clips/s, {a.workers} workers{f'; {kept} kept from an earlier run' if kept else ''})"
+          f"({ex['clips_per_second']} clips/s, {a.workers} workers"
+          f"{f'; {kept} kept from an earlier run' if kept else ''})"
           f" to {a.out}; contact sheet {sheet}")
     return info
 

@@ -423,7 +423,7 @@ def draw_eyes(dl: DrawList, ident: FaceIdentity, aus: np.ndarray, gaze: np.ndarr
         bag = _xy(ex + 0.75 * ew * u[:, 3:-3], lower_y[:, 3:-3] + 0.1 * ew + 0.12 * ew * (1 - cheek[:, None]))
         dl.line(bag, _lerp_colour(skin_eye, np.asarray(skin_eye) * 0.6, cheek * 0.9), 0.02, depth=0.25,
                 visible=cheek > 0.1)
-        for k, ang in enumerate((-0.35, 0.0, 0.35)):
+        for ang in (-0.35, 0.0, 0.35):
             a0 = np.array([ex + side * 1.1 * ew, cy + 0.02])
             d = np.array([side * math.cos(ang), math.sin(ang)])
             seg = np.stack([a0 + 0.02 * d, a0 + 0.14 * d])[None]

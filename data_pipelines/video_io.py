@@ -21,7 +21,6 @@ from typing import Any, Iterator, Sequence
 import av
 import numpy as np
 
-
 # A shortfall of more than this many frames against the header's count is reported as truncation. One frame of
 # slack so that a container whose sample count and decoder output differ by a single frame (edit lists, a dropped
 # trailing frame) is not flagged; this slack was not measured on real datasets here (none can be downloaded).
@@ -122,7 +121,8 @@ class VideoFile:
 
         A file is truncated when decoding stopped with an error (``on_error="stop"``) or when more than
         ``TRUNCATION_TOLERANCE_FRAMES`` fewer frames decoded than the container header declares (a faststart mp4
-        cut short keeps its full header, so it opens and decodes "successfully" into a shorter clip). Returns ``{"declared_frames", "decoded_frames", "error"}``.
+        cut short keeps its full header, so it opens and decodes "successfully" into a shorter clip). Returns
+        ``{"declared_frames", "decoded_frames", "error"}``.
         Containers that declare no count (0: many mkv / webm / avi) can only be caught by a decoding error.
         """
         if not self.reached_end:

@@ -16,10 +16,10 @@ from typing import Iterator
 
 
 def known_faults() -> tuple[type[BaseException], ...]:
-    from data_pipelines import records
+    from data_pipelines import dataset_info, records
     from facemae_jax import checkpoint, train
 
-    return (checkpoint.CheckpointError, records.RecordError, records.DatasetInfoError, train.TrainingDiverged)
+    return (checkpoint.CheckpointError, records.RecordError, dataset_info.DatasetInfoError, train.TrainingDiverged)
 
 
 @contextlib.contextmanager

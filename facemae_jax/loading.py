@@ -194,11 +194,11 @@ def _load_run_checkpoint(path: str):
     data = job.get("data") or {}
     meta: dict[str, Any] = {"model_name": name, "step": int(step), "sampling_rate": data.get("sampling_rate"),
                             "task": "pretrain" if job.get("task") == "pretrain" else data.get("task")}
-    info_path = os.path.join(str(data.get("dir") or ""), "dataset_info.json")
-    if os.path.exists(info_path):  # class names of the run's dataset, as its export would have stored them
-        from data_pipelines import records
+    from data_pipelines import dataset_info
 
-        info = records.load_dataset_info(os.path.dirname(info_path))
+    data_dir = str(data.get("dir") or "")
+    if data_dir and os.path.exists(dataset_info.path(data_dir)):  # the run's class names, as its export stores them
+        info = dataset_info.load(data_dir)
         meta.update(class_names=info.get("class_names"), target_names=info.get("target_names"))
     params = _to_numpy(state["params"])
     print(f"[load] {path}: no export yet; parameters of checkpoint step {step}", flush=True)

@@ -88,9 +88,8 @@ def _build_synthetic(d: str, synth) -> None:
 
 
 def dataset_info(data_dir: str) -> dict:
-    from data_pipelines import records  # a damaged file gets a message naming it, not a bare JSONDecodeError
 
-    return records.load_dataset_info(data_dir)
+    return dataset_info.load(data_dir)
 
 
 def train_pipeline(task: tasks.Task, data_dir: str, batch: int, mesh) -> pipelines.Pipeline:

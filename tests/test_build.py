@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import build, clip_conversion, records, shard_runner, video_io
+from data_pipelines import build, clip_conversion, dataset_info, records, shard_runner, video_io
 from data_pipelines.sources import official_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def make_kfold_tree(tmp_path, *, name="DFEW", ext="jpg", clips=10, folds=5, with
 
 
 def read_all(out_dir):
-    info = records.load_dataset_info(str(out_dir))
+    info = dataset_info.load(str(out_dir))
     recs = list(records.read_records([os.path.join(out_dir, s) for s in info["shards"]]))
     return info, recs
 

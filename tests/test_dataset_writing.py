@@ -28,7 +28,7 @@ def test_make_writes_the_canonical_key_order_and_load_reads_it_back(tmp_path):
                           "extra"]
     path = dataset_info.write(str(tmp_path), info)
     assert path == str(tmp_path / "dataset_info.json") and not os.path.exists(path + ".tmp")
-    assert dataset_info.load(str(tmp_path)) == info == records.load_dataset_info(str(tmp_path))
+    assert dataset_info.load(str(tmp_path)) == info == dataset_info.load(str(tmp_path))
 
 
 @pytest.mark.parametrize("edit, key, problem", [

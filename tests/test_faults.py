@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline, records
+from data_pipelines import dataset_info, pipeline, records
 from facemae_jax import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,8 +306,9 @@ def test_save_config_is_atomic_and_only_after_the_config_loads(tmp_path):
 
 def test_rerun_with_other_settings_keeps_the_earlier_config_record(tmp_path):
     sys.path.insert(0, REPO)
-    import launch
     from ml_collections import ConfigDict
+
+    import launch
 
     launch.save_config(ConfigDict({"seed": 1}), str(tmp_path))
     launch.save_config(ConfigDict({"seed": 1}), str(tmp_path))  # same settings (a resume): nothing to keep
@@ -395,7 +396,7 @@ def test_damaged_dataset_info_names_the_file(tmp_path):
     path = os.path.join(d, "dataset_info.json")
     text = open(path).read()
     open(path, "w").write(text[: len(text) // 2])  # cut short
-    for read in (records.load_dataset_info, train.dataset_info, lambda d: pipeline.DatasetSplit.open(d, "train")):
+    for read in (dataset_info.load, train.dataset_info, lambda d: pipeline.DatasetSplit.open(d, "train")):
         with pytest.raises(ValueError, match=rf"{path} \(\d+ bytes\) cannot be read: .*cut short") as e:
             read(d)
         assert type(e.value).__name__ == "DatasetInfoError"

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from data_pipelines import pipeline, worker_autotune
-from facemae_jax import input_timing
 from test_pipeline import FRAMES, SIZE, finetune, take, write_dataset
+
+from data_pipelines import worker_autotune
+from facemae_jax import input_timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,9 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from data_pipelines import records
+from data_pipelines import dataset_info, records, synthetic_expressions
 from data_pipelines import synthetic as S
-from data_pipelines import synthetic_expressions
 
 SIZE, FRAMES = 48, 8
 
@@ -28,7 +27,7 @@ def tiny_dataset(tmp_path_factory):
 
 
 def _records_by_split(directory):
-    info = records.load_dataset_info(directory)
+    info = dataset_info.load(directory)
     recs = list(records.read_records([os.path.join(directory, s) for s in info["shards"]]))
     return info, recs
 
@@ -116,7 +115,7 @@ def test_scenario_is_recorded_in_dataset_info(tmp_path):
                    "--scenario", "posed", "--contact_sheet", str(tmp_path / "sheet.png")])
     assert info["extra"]["scenario"]["name"] == "posed" and info["extra"]["scenario"]["talk"] == 0.0
     assert "--scenario posed" in info["creation_command"]
-    assert records.load_dataset_info(str(tmp_path))["extra"]["scenario"]["name"] == "posed"
+    assert dataset_info.load(str(tmp_path))["extra"]["scenario"]["name"] == "posed"
 
 
 def test_identity_pools_are_disjoint():
@@ -166,7 +165,7 @@ def test_dataset_info_and_records(tiny_dataset):
 def test_parallel_build_is_byte_identical(tiny_dataset, tmp_path):
     info = S.build_dataset(str(tmp_path), seed=3, num_pretrain=9, train_per_class=2, val_per_class=1,
                            test_per_class=1, frames=FRAMES, size=SIZE, workers=2, clips_per_shard=10)
-    reference = records.load_dataset_info(tiny_dataset)
+    reference = dataset_info.load(tiny_dataset)
     assert info["shards"] == reference["shards"] and info["splits"] == reference["splits"]
     for name in info["shards"]:
         assert filecmp.cmp(os.path.join(tiny_dataset, name), os.path.join(tmp_path, name), shallow=False), name
