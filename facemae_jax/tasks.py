@@ -56,7 +56,9 @@ class Task:
         return []
 
     def evaluate(self, model, params, mesh, data_dir: str, info: dict, out_dir: str, step: int, logger,
-                 final: bool = False) -> dict[str, Any]:
+                 tag: str) -> dict[str, Any]:
+        """Metrics of ``params`` at ``step``; files in ``out_dir`` are named by ``tag`` ('step<N>', 'final' at the
+        end of training, 'eval_only' for ``--mode=eval``, which so never overwrites a run's final metrics)."""
         raise NotImplementedError
 
     def export_task(self) -> str:
@@ -107,7 +109,7 @@ class PretrainTask(Task):
             rules.append(lambda name: optim.svfap_pretrain_unused(name, c.stage_depths))  # Q4: no grad, no decay
         return rules
 
-    def evaluate(self, model, params, mesh, data_dir, info, out_dir, step, logger, final=False):
+    def evaluate(self, model, params, mesh, data_dir, info, out_dir, step, logger, tag):
         """Eval loss on a fixed batch of the eval split + the MAE-DFER-paper style reconstruction figure."""
         d = self.config.data
         n = sharding.global_batch_divisor(mesh)
@@ -169,7 +171,7 @@ class FinetuneTask(Task):
                                         label_smoothing=f.label_smoothing, mixup=mixup,
                                         regression_loss=f.regression_loss, rand_augment=device_ra)
 
-    def evaluate(self, model, params, mesh, data_dir, info, out_dir, step, logger, final=False):
+    def evaluate(self, model, params, mesh, data_dir, info, out_dir, step, logger, tag):
         """Multi-view metrics on the eval split (FINETUNING §4.2)."""
         config, d = self.config, self.config.data
         views = pipelines.EvalViews(config.eval.num_segments, config.eval.num_crops, d.jpeg_dct_downscale)
@@ -178,7 +180,7 @@ class FinetuneTask(Task):
                                        geometry=self.geometry, views=views, options=loader_options(config))
         res = evaluate.run_eval(_jitted_eval_step(model, self.cfg), params, pipe, mesh, task=d.task,
                                 class_names=info.get("class_names"), target_names=info.get("target_names"),
-                                out_dir=out_dir, tag="final" if final else f"step{step}")
+                                out_dir=out_dir, tag=tag)
         if d.task == "classification":
             logger.scalars(step, {"eval/uar": res["uar"], "eval/war": res["war"]})
             if jax.process_index() == 0:

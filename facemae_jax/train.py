@@ -321,7 +321,8 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
                                             "command to resume")
             if eval_every and done % eval_every == 0 and done != stop_at:
                 drain(upto_all=True)
-                result = task.evaluate(model, state["params"], mesh, data_dir, info, eval_dir, done, logger)
+                result = task.evaluate(model, state["params"], mesh, data_dir, info, eval_dir, done, logger,
+                                       f"step{done}")
         drain(upto_all=True)
         if ckpt.latest_step() != stop_at:  # a rerun of a finished job only re-evaluates and re-exports
             ckpt.save(stop_at, state, it.get_state(), force=True)
@@ -334,7 +335,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
         it.close()
         ckpt.wait()
     if config.final_eval:
-        result = task.evaluate(model, state["params"], mesh, data_dir, info, eval_dir, stop_at, logger, final=True)
+        result = task.evaluate(model, state["params"], mesh, data_dir, info, eval_dir, stop_at, logger, "final")
     export(workdir, state["params"], task, info, stop_at)
     logger.close()
     ckpt.close()
@@ -387,7 +388,7 @@ def run_eval_only(config, workdir: str, checkpoint: str | None) -> dict[str, Any
     data_dir = ensure_dataset(config)
     logger = Logger(workdir)
     res = task.evaluate(model, params, mesh, data_dir, dataset_info(data_dir), os.path.join(workdir, "eval"), 0,
-                        logger, final=True)
+                        logger, "eval_only")
     logger.close()
     return res
 

@@ -263,7 +263,7 @@ def test_final_eval_outputs_and_eval_mode(tmp_path, tiny_data):
     assert loaded.task == "classification" and loaded.sampling_rate == 2 and len(loaded.class_names) == 7
     e = _launch(config, str(tmp_path / "evalonly"), "--mode=eval", f"--checkpoint={work}")
     assert e.returncode == 0, e.stdout + e.stderr
-    res2 = json.load(open(tmp_path / "evalonly" / "eval" / "final_metrics.json"))
+    res2 = json.load(open(tmp_path / "evalonly" / "eval" / "eval_only_metrics.json"))
     assert res2["uar"] == res["uar"] and res2["war"] == res["war"]
     again = _launch(config, str(work), "--config.optim.total_steps=4")  # rerun of a finished job: resume at the end
     assert again.returncode == 0, again.stdout + again.stderr
