@@ -193,6 +193,30 @@ def test_load_forms_and_errors(workspace, tmp_path):
     with pytest.raises(loading.ModelLoadError, match="has 7 classes, not 11"):
         loading.load_model(root / "finetune", num_classes=11)
 
+    # an unfinished run (no export yet): the newest verified checkpoint, the model from the run's config.json
+    from configs.base import base_config
+    from facemae_jax import checkpoint
+
+    job = base_config()
+    job.model.name = "lgi_tiny_finetune"
+    job.model.overrides = dict(GEOMETRY)
+    job.data.sampling_rate = 3
+    (unfinished / "config.json").write_text(job.to_json_best_effort())
+    ckpt = checkpoint.Checkpointer(str(unfinished / "checkpoints"), async_save=False)
+    for step, scale in ((5, 0.0), (7, 1.0)):  # the newest step wins
+        params = jax.tree_util.tree_map(lambda x, s=scale: np.asarray(x) * s, workspace["params"])
+        ckpt.save(step, {"params": params, "step": np.int32(step)}, {"position": step}, force=True)
+    ckpt.close()
+    from_run = loading.load_model(unfinished, class_names=DFEW)
+    assert from_run.cfg == FINETUNE_CFG and from_run.sampling_rate == 3 and from_run.model_name == "lgi_tiny_finetune"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_run.params, loaded.params)
+    # ... and init_from reads it too, fitted into another job's model (a 3-class head: fresh)
+    three = FINETUNE_CFG.replace(num_classes=3)
+    params, report = loading.load_params_into(str(unfinished), three, seed=0)
+    assert params["head"]["kernel"].shape[-1] == 3 and "head.weight" in report
+    np.testing.assert_array_equal(params["blocks_0"]["mlp"]["fc1"]["kernel"],
+                                  loaded.params["blocks_0"]["mlp"]["fc1"]["kernel"])
+
     # official files: the architecture must be named; the head size comes from the file
     state_dict = convert.flax_to_torch(workspace["params"], FINETUNE_CFG)
     rng = np.random.default_rng(0)
