@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from data_pipelines import dataset_info
 from data_pipelines import pipeline as pipelines
 from facemae_jax import checkpoint as ckpt_lib
 from facemae_jax import compilation_cache, convert, distributed, input_timing, loading, optim, sharding, tasks
@@ -53,7 +54,7 @@ def model_config(config) -> ModelConfig:
 def ensure_dataset(config) -> str:
     """The dataset directory, built first when the config says how (the demo's synthetic data)."""
     d = os.path.abspath(os.path.expanduser(config.data.dir))
-    info_path = os.path.join(d, "dataset_info.json")
+    info_path = dataset_info.path(d)
     synth = config.data.synthetic
     if synth and jax.process_count() > 1:  # every process takes the barrier, whoever sees the data first
         if jax.process_index() == 0 and not os.path.exists(info_path):
@@ -85,11 +86,6 @@ def _build_synthetic(d: str, synth) -> None:
     t0 = time.time()
     synthetic.build_dataset(d, **dict(synth))
     print(f"[data] generated in {time.time() - t0:.0f}s", flush=True)
-
-
-def dataset_info(data_dir: str) -> dict:
-
-    return dataset_info.load(data_dir)
 
 
 def train_pipeline(task: tasks.Task, data_dir: str, batch: int, mesh) -> pipelines.Pipeline:
@@ -201,7 +197,7 @@ def run(config, workdir: str, mode: str = "train", checkpoint: str | None = None
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = [tuple(r) for r in config.sharding_rules]
     data_dir = ensure_dataset(config)
-    info = dataset_info(data_dir)
+    info = dataset_info.load(data_dir)
     batch = sharding.local_batch_size(config.batch_size, mesh)
     train_pipe = train_pipeline(task, data_dir, batch, mesh)
     spe = train_pipe.steps_per_epoch
@@ -387,7 +383,7 @@ def run_eval_only(config, workdir: str, checkpoint: str | None) -> dict[str, Any
     params = jax.device_put(jax.tree_util.tree_map(np.asarray, loaded.params), sh)
     data_dir = ensure_dataset(config)
     logger = Logger(workdir)
-    res = task.evaluate(model, params, mesh, data_dir, dataset_info(data_dir), os.path.join(workdir, "eval"), 0,
+    res = task.evaluate(model, params, mesh, data_dir, dataset_info.load(data_dir), os.path.join(workdir, "eval"), 0,
                         logger, "eval_only")
     logger.close()
     return res

@@ -390,13 +390,12 @@ def test_damaged_shard_names_the_file_and_the_rebuild_command(tmp_path, damage):
 
 
 def test_damaged_dataset_info_names_the_file(tmp_path):
-    from facemae_jax import train
 
     d = _plain_dataset(tmp_path / "ds")
     path = os.path.join(d, "dataset_info.json")
     text = open(path).read()
     open(path, "w").write(text[: len(text) // 2])  # cut short
-    for read in (dataset_info.load, train.dataset_info, lambda d: pipeline.DatasetSplit.open(d, "train")):
+    for read in (dataset_info.load, lambda d: pipeline.DatasetSplit.open(d, "train")):
         with pytest.raises(ValueError, match=rf"{path} \(\d+ bytes\) cannot be read: .*cut short") as e:
             read(d)
         assert type(e.value).__name__ == "DatasetInfoError"
