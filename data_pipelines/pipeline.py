@@ -9,8 +9,8 @@ Batches (numpy, host side; the train/eval steps put them on devices):
 * eval: ``{"video": uint8 [B, T, S, S, 3], "label": ..., "clip_index": int32 [B], "view": int32 [B],
   "frame_indices": int32 [B, T], "valid": bool [B]}`` — every (clip, view) of the split exactly once per process
   group; ``clip_index`` is the clip's position in the split (``Pipeline.record_indices[clip_index]`` is its global
-  record index), ``view = segment * num_crops + crop``; ``frame_indices`` are the stored frames the view was made of; padding rows
-  have ``valid = False``, ``clip_index = view = -1`` (and frame indices -1).
+  record index), ``view = segment * num_crops + crop``; ``frame_indices`` are the stored frames the view was made
+  of; padding rows have ``valid = False``, ``clip_index = view = -1`` (and frame indices -1).
 
 Why ``MapDataset`` (not ``grain.DataLoader`` or an ``IterDataset`` source): the split is random-access
 (ArrayRecord), so the whole chain up to batching is index-based — ``source -> shuffle -> repeat -> random_map ->
