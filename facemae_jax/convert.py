@@ -217,13 +217,24 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 MODEL_JSON = "model.json"
 
 
-def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, meta: dict | None = None) -> None:
-    """Write ``out_dir/params`` (orbax) and ``out_dir/model.json`` (config + metadata such as class names).
+class ExportCorrupt(ValueError):
+    """A converted / exported model whose stored arrays differ from the checksums in its model.json."""
 
-    In a multi-process job every process calls this (orbax's save is collective; process 0 writes the files)."""
+
+def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, meta: dict | None = None) -> None:
+    """Write ``out_dir/params`` (orbax) and ``out_dir/model.json`` (config + metadata such as class names + a
+    fingerprint per array, checked by ``load_converted``: orbax's stored chunks carry no checksum of the values, see
+    :mod:`facemae_jax.fingerprint`).
+
+    In a multi-process job every process calls this (orbax's save and the fingerprints are collective; process 0
+    writes the files)."""
     import jax
     import orbax.checkpoint as ocp
 
+    from facemae_jax import fingerprint
+
+    checksums = {"algorithm": fingerprint.ALGORITHM,
+                 "arrays": {k: v["fingerprint"] for k, v in fingerprint.describe_tree(params).items()}}
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
@@ -232,13 +243,16 @@ def save_converted(out_dir: str, params: Mapping[str, Any], cfg: ModelConfig, me
     if jax.process_index() == 0:  # every process saves the arrays (collective); one writes model.json
         tmp = os.path.join(out_dir, MODEL_JSON + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"config": cfg.to_dict(), **(meta or {})}, f, indent=2)
+            json.dump({"config": cfg.to_dict(), **(meta or {}), "checksums": checksums}, f, indent=2)
         os.replace(tmp, os.path.join(out_dir, MODEL_JSON))  # never a half-written model.json
 
 
 def load_converted(path: str) -> tuple[dict, ModelConfig, dict]:
-    """Read what ``save_converted`` wrote -> (params as numpy, config, metadata)."""
+    """Read what ``save_converted`` wrote -> (params as numpy, config, metadata); arrays are checked against the
+    stored checksums (``ExportCorrupt`` names the damaged ones)."""
     import orbax.checkpoint as ocp
+
+    from facemae_jax import fingerprint
 
     path = os.path.abspath(path)
     mj = os.path.join(path, MODEL_JSON)
@@ -247,8 +261,19 @@ def load_converted(path: str) -> tuple[dict, ModelConfig, dict]:
     with open(mj) as f:
         meta = json.load(f)
     cfg = ModelConfig.from_dict(meta.pop("config"))
+    checksums = meta.pop("checksums", None)  # models converted before checksums were stored have none
     params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"))
+    if checksums and checksums.get("algorithm") == fingerprint.ALGORITHM:
+        found = {k: v["fingerprint"] for k, v in fingerprint.describe_tree(params).items()}
+        saved = checksums["arrays"]
+        bad = sorted(k for k in set(saved) | set(found) if found.get(k) != saved.get(k))
+        if bad:
+            raise ExportCorrupt(
+                f"{os.path.join(path, 'params')}: {len(bad)} of {len(saved)} arrays differ from the checksums in "
+                f"{mj} ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): the stored model is damaged; "
+                "export or convert it again")
     return params, cfg, meta
+
 
 
 def existing_output(path: str) -> str | None:

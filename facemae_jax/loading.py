@@ -153,6 +153,8 @@ def _load_directory(path: str, model: str | None, num_classes: int | None):
             )
     try:
         params, cfg, meta = convert.load_converted(model_dir)
+    except convert.ExportCorrupt as e:
+        raise ModelLoadError(str(e)) from None
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{model_dir}: {convert.MODEL_JSON} is not a valid model description ({e})") from e
     except FileNotFoundError as e:

@@ -121,3 +121,30 @@ def test_export_round_trips_through_pth(tmp_path):
     sd, _ = torch_io.load_state_dict(str(path))
     back, _ = convert.torch_to_flax(sd, cfg)
     chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, params), back)
+
+
+def test_converted_model_with_a_damaged_array_is_refused(tmp_path):
+    """model.json holds a fingerprint per array (orbax's chunks carry no checksum of the values): a stored model whose
+    bytes changed is refused with the array named, whatever path loads it."""
+    import glob
+
+    from facemae_jax import loading
+
+    cfg = get_config("tpsbt_tiny_finetune", num_frames=8, img_size=64, stage_depths=(1, 1, 1))
+    params = init_params(create_model(cfg), jax.random.key(5))
+    out = tmp_path / "model"
+    convert.save_converted(str(out), params, cfg, {"model_name": "tpsbt_tiny_finetune"})
+    back, _, meta = convert.load_converted(str(out))  # intact: loads, and the checksums stay out of the metadata
+    assert "checksums" not in meta and len(json.loads((out / convert.MODEL_JSON).read_text())["checksums"]["arrays"])
+    chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, params), back)
+    # rewrite one array in place with other values (what a flipped bit in a stored chunk restores as)
+    meta_json = json.loads((out / convert.MODEL_JSON).read_text())
+    changed = jax.tree_util.tree_map(np.asarray, params)
+    changed["head"]["bias"] = changed["head"]["bias"] + 1.0
+    convert.save_converted(str(out), changed, cfg, {"model_name": "tpsbt_tiny_finetune"})
+    (out / convert.MODEL_JSON).write_text(json.dumps(meta_json))  # the old checksums stay
+    assert glob.glob(str(out / "params" / "*"))
+    with pytest.raises(convert.ExportCorrupt, match=r"1 of \d+ arrays differ .*head/bias"):
+        convert.load_converted(str(out))
+    with pytest.raises(loading.ModelLoadError, match="head/bias.*damaged"):
+        loading.load_model(str(out))
