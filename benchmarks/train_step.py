@@ -65,7 +65,8 @@ def gemm_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str):
+def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,
+               overrides: dict | None = None):
     """-> (jitted step, state, batch, model config): the trainer's step for the case's job config."""
     import importlib
 
@@ -76,7 +77,7 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     config = importlib.import_module(module).get_config(*([arg] if arg else []))
     config.batch_size = batch
     cfg = registry.get_config(TINY[case] if tiny else model_name, dtype=dtype, attention_impl=attention_impl,
-                              remat=remat)
+                              remat=remat, **(overrides or {}))
     model = registry.create_model(cfg)
     task = tasks.for_config(config, cfg)
     tx, _, _, _ = train.schedule_and_optimizer(task, registry.abstract_params(model), 1000, batch)
@@ -94,9 +95,9 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
 
 
 def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,
-          gemm: float | None) -> dict:
+          gemm: float | None, overrides: dict | None = None) -> dict:
     step, state, data, cfg = build_step(case, batch, tiny=tiny, dtype=dtype, attention_impl=attention_impl,
-                                        remat=remat)
+                                        remat=remat, overrides=overrides)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
@@ -115,10 +116,11 @@ def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attent
     med = statistics.median(times)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
-    analytic = None if tiny or case not in FORWARD_GFLOPS else 3 * FORWARD_GFLOPS[case] * 1e9 * batch
+    analytic = None if tiny or overrides or case not in FORWARD_GFLOPS else 3 * FORWARD_GFLOPS[case] * 1e9 * batch
     row = {
         "case": case, "model": cfg.family + "/" + cfg.mode, "tiny": tiny, "batch": batch, "dtype": dtype,
-        "attention_impl": attention_impl, "remat": remat, "compile_s": round(compile_s, 2),
+        "attention_impl": attention_impl, "remat": remat, "overrides": overrides or {},
+        "num_blocks": cfg.num_blocks, "compile_s": round(compile_s, 2),
         "step_s_median": round(med, 4), "step_s_all": [round(t, 4) for t in times],
         "clips_per_s": round(batch / med, 2), "xla_flops_per_step": flops, "analytic_flops_per_step": analytic,
         "xla_flops_per_s": flops / med,
@@ -136,6 +138,8 @@ def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attent
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from facemae_jax import convert
+
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -143,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention_impl", default="xla")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a check that the benchmark runs)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                    help="ModelConfig field to change (repeatable), e.g. depth=4 to measure compile time per block")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else "default")
@@ -151,7 +157,8 @@ def main(argv=None) -> int:
     rows = []
     for case in args.cases:
         r = bench(case, args.batch, args.repeats, tiny=args.tiny, dtype=args.dtype,
-                  attention_impl=args.attention_impl, remat=args.remat, gemm=gemm_before)
+                  attention_impl=args.attention_impl, remat=args.remat, gemm=gemm_before,
+                  overrides=convert.parse_overrides(args.override))
         rows.append(r)
         rel = f"  {100 * r['fraction_of_gemm_flops']:.0f}% of GEMM" if "fraction_of_gemm_flops" in r else ""
         mfu = f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
