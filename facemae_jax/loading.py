@@ -239,9 +239,9 @@ def load_params_into(path: str, cfg: ModelConfig, *, seed: int = 0) -> tuple[dic
     state_dict, source = read_state_dict(path)
     if cfg.mode == "finetune":
         params, report = convert.pretrain_to_finetune(state_dict, cfg, rng_seed=seed, source=source)
-        return params, f"{source}: {len(report['dropped'])} keys dropped, initialised {report['initialised']}"
+        return params, f"{path}: {len(report['dropped'])} keys dropped, initialised {report['initialised']}"
     params, _ = convert.torch_to_flax(state_dict, cfg, source=source)
-    return params, f"{source}: all {len(state_dict)} tensors loaded"
+    return params, f"{path}: all {len(state_dict)} tensors loaded"
 
 
 def _load_official(path: str, model: str | None, num_classes: int | None, overrides: dict[str, Any]):
