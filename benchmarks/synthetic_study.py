@@ -156,6 +156,35 @@ def _time_median(fn, args, repeats):
     return float(np.median(times))
 
 
+# The published 16 x 160^2 geometry (8 x 10 x 10 = 800 tokens): where LGI-Former's saving on attention shows.
+PUBLISHED_FORWARDS = {
+    "lgi_512x16": ("vit_base_dim512_no_depth_patch16_160", {}),
+    "vit_b_768x12": ("vit_base_patch16_160", {}),
+    "vit_512x16": ("vit_base_patch16_160", dict(embed_dim=512, depth=16, num_heads=8)),
+    "tpsbt_512": ("svfap_base_patch16_160", {}),
+}
+
+
+def published_forward_gflops():
+    """Forward GFLOP per 16 x 160^2 view of the published models (and a joint ViT at LGI-Former's width and depth),
+    from XLA's cost analysis of the lowered forward with abstract parameters: no weights, no run."""
+    import jax
+    import jax.numpy as jnp
+
+    from facemae_jax.models import registry
+
+    out = {}
+    for key, (name, kw) in PUBLISHED_FORWARDS.items():
+        cfg = registry.get_config(name, **kw)
+        model = registry.create_model(cfg)
+        video = jax.ShapeDtypeStruct((1, cfg.num_frames, cfg.img_size, cfg.img_size, 3), jnp.float32)
+        cost = jax.jit(lambda p, v, m=model: m.apply({"params": p}, v)).lower(
+            registry.abstract_params(model), video).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[key] = dict(model=name, overrides=kw, forward_gflop=float(cost["flops"]) / 1e9)
+    return out
+
+
 def measure_cost(data_dir=DATA_DIR, batch=16, repeats=3):
     """Per arm: FLOPs per clip from XLA's cost analysis of the compiled fine-tune forward (one view, inference),
     the trainer's fine-tune step and its pre-train step, each at the study's batch, and the median wall time per
@@ -190,7 +219,9 @@ def measure_cost(data_dir=DATA_DIR, batch=16, repeats=3):
             inputs = registry.example_inputs(cfg, batch=batch)
             video = rng.integers(0, 256, inputs[0].shape, dtype=np.uint8)
             if task == "finetune":
-                fwd = lambda p, v: model.apply({"params": p}, v.astype(jnp.float32) / 255.0)  # noqa: E731
+                def fwd(p, v, model=model):
+                    return model.apply({"params": p}, v.astype(jnp.float32) / 255.0)
+
                 c, flops = compiled_cost(fwd, params, video)
                 row["forward_gflop_per_clip"] = flops / batch / 1e9
                 row["forward_ms_per_clip"] = 1e3 * _time_median(c, (params, video), repeats) / batch
@@ -206,7 +237,7 @@ def measure_cost(data_dir=DATA_DIR, batch=16, repeats=3):
             step = train.make_train_step(cfg_job, model, cfg, tx)
             c, flops = compiled_cost(step, state, data)
             row[f"{task}_step_gflop_per_clip"] = flops / batch / 1e9
-            row[f"{task}_step_ms_per_clip"] = 1e3 * _time_median(lambda st, d: c(st, d)[1], (state, data),
+            row[f"{task}_step_ms_per_clip"] = 1e3 * _time_median(lambda st, d, c=c: c(st, d)[1], (state, data),
                                                                  repeats) / batch
         arms[arm] = row
         print(f"[study] cost {arm}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
@@ -474,6 +505,8 @@ def main(argv=None):
 
     if "cost" in a.parts and "cost" not in state:  # after the jobs: one process measuring at a time
         state["cost"] = measure_cost(a.data_dir)
+    if "cost" in a.parts and "cost_published_geometry" not in state:
+        state["cost_published_geometry"] = published_forward_gflops()
     rows = summarize(results)
     state["summary"] = rows
     state["wall_s_this_invocation"] = invocation["wall_s"] = time.time() - t_all

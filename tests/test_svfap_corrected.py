@@ -53,7 +53,7 @@ def _model(**kw):
     return cfg, model, naming.unflatten(flat), video, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(corrected: bool):
     """-> (cfg, params, video, mask, features, encoder grads by name, jitted step): one compile per variant."""
     cfg, model, params, video, mask = _model(**(CORRECTED if corrected else {}))
@@ -80,7 +80,7 @@ def _ln(x, p):
 
 
 def _lin(x, p):
-    return x @ p["kernel"] + (p["bias"] if "bias" in p else 0.0)
+    return x @ p["kernel"] + p.get("bias", 0.0)
 
 
 def _gelu(x):
