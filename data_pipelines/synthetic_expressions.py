@@ -116,6 +116,8 @@ SCENARIOS = {
     "wild": Scenario("wild"),
     "posed": Scenario("posed", onset_range=(0.0, 0.3), intensity_range=(0.8, 1.0), blend_probability=0.0, talk=0.0,
                       fluctuation=0.3, head_motion=0.25, cluttered_background=False, camera=0.5),
+    "posed_moving": Scenario("posed_moving", onset_range=(0.0, 0.3), intensity_range=(0.8, 1.0),  # posed faces,
+                             blend_probability=0.0, talk=0.0, fluctuation=0.3),  # wild head motion/backdrop/camera
 }
 
 

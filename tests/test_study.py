@@ -58,7 +58,8 @@ def test_ablation_seeds_expand_only_the_ablation_arms():
     assert {n.rsplit("/", 1)[1] for n in added} == {"s1", "s2"}
     assert {n.rsplit("/", 1)[0] for n in added} == {
         "probe/lgi_pretrained", "probe/lgi_random", "ft/lgi_appearance_only", "ft/lgi_q2_raster",
-        "ft/tpsbt_faithful", "ft/tpsbt_corrected", "ft/tpsbt_scratch"}
+        "ft/tpsbt_faithful", "ft/tpsbt_corrected", "ft/tpsbt_scratch", "ft/tpsbt_corrected_mask50",
+        "ft/tpsbt_corrected_k16", "ft/tpsbt_corrected_2x"}
 
 
 def test_a_job_workdir_left_by_other_settings_is_cleared_not_resumed(tmp_path, capsys):
@@ -80,7 +81,7 @@ def test_a_job_workdir_left_by_other_settings_is_cleared_not_resumed(tmp_path, c
     assert not (wd / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("family", ["lgi", "tpsbt"])
+@pytest.mark.parametrize("family", ["lgi", "tpsbt", "vit"])
 def test_pretrained_weights_convert_onto_the_study_finetune_model(family):
     jobs = study.plan([0], 10, 10, 10, study.PARTS)
     pairs = {init: cfg for _, cfg, init in jobs if init and cfg.model.name.startswith(family)}
@@ -122,3 +123,45 @@ def test_reduced_study_pretrained_beats_scratch(tmp_path, monkeypatch):
     scratch = 100 * results["ft/lgi_scratch/s0"]["result"]["uar"]
     assert pretrained > scratch + 5, (pretrained, scratch)
     assert (tmp_path / "reconstruction_lgi_quick.png").exists() and (tmp_path / "confusion_best_quick.png").exists()
+
+
+def test_issue19_arms_are_configuration_and_differ_only_in_what_they_test():
+    jobs = study.plan([0, 1, 2], 2500, 10, 10, ["motion", "vit", "svfap"])
+    by_name = {n: cfg for n, cfg, _ in jobs}
+    # ViT: the LGI arm's width, depth, heads, decoder and token geometry; same steps; tube mask.
+    lgi = study.plan([0], 2500, 10, 10, ["main"])
+    lgi_pre = {n: c for n, c, _ in lgi}["pre/lgi"]
+    vit_pre = by_name["pre/vit"]
+    vit_cfg, lgi_cfg = model_config(vit_pre), model_config(lgi_pre)
+    for k in ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "grid", "patch_size",
+              "mask_ratio"):
+        assert getattr(vit_cfg, k) == getattr(lgi_cfg, k), k
+    assert (vit_cfg.family, vit_cfg.mask_kind) == ("vit", "tube")
+    assert vit_pre.optim.total_steps == lgi_pre.optim.total_steps
+    for s in (0, 1, 2):
+        a, b = by_name[f"ft/vit_pretrained/s{s}"], by_name[f"ft/vit_scratch/s{s}"]
+        assert a.to_dict() == b.to_dict() and a.model.name == "vit_tiny_finetune"
+    # a reduced pre-training budget is in the job names, so a finished 600-step job never stands in for 2,500
+    assert "pre/vit_p600" in _names(study.plan([0], 600, 10, 10, ["vit"]))
+    # Motion ablation: on the posed_moving data, same steps, only the target differs.
+    m, m_app = by_name["pre/moving_lgi"], by_name["pre/moving_lgi_appearance_only"]
+    assert m.data.synthetic.scenario == "posed_moving" and m.data.dir.endswith("synthetic_faces_posed_moving")
+    assert m.pretrain.frame_diff and not m_app.pretrain.frame_diff
+    d, d_app = m.to_dict(), m_app.to_dict()
+    d["pretrain"].pop("frame_diff"), d_app["pretrain"].pop("frame_diff")
+    assert d == d_app and m.optim.total_steps == study.MOTION_PRETRAIN_STEPS
+    for s in (0, 1, 2):
+        ft = [by_name[f"ft/moving_lgi_{arm}/s{s}"] for arm in ("pretrained", "appearance_only", "scratch")]
+        assert all(c.to_dict() == ft[0].to_dict() and c.data.synthetic.scenario == "posed_moving" for c in ft)
+    # SVFAP pilots: the corrected encoder with one factor changed each.
+    base = model_config(study.plan([0], 2500, 10, 10, ["tpsbt"])[1][1])
+    assert (base.svfap_reverse_ctx, base.svfap_upsample) == ("bottleneck", "repeat")
+    changed = {}
+    for name in ("mask50", "k16", "2x"):
+        cfg_job = by_name[f"pre/tpsbt_corrected_{name}"]
+        mc = model_config(cfg_job)
+        changed[name] = {k for k in ("mask_ratio", "bottleneck_tokens") if getattr(mc, k) != getattr(base, k)}
+        changed[name] |= {"steps"} if cfg_job.optim.total_steps != 2500 else set()
+        assert (mc.svfap_reverse_ctx, mc.svfap_upsample) == ("bottleneck", "repeat")
+    assert changed == {"mask50": {"mask_ratio"}, "k16": {"bottleneck_tokens"}, "2x": {"steps"}}
+    assert model_config(by_name["ft/tpsbt_corrected_k16/s0"]).bottleneck_tokens == (16,)
