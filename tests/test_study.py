@@ -90,7 +90,8 @@ def test_pretrained_weights_convert_onto_the_study_finetune_model(family):
         pre_cfg = model_config(by_name[init])
         abstract = registry.abstract_params(registry.create_model(pre_cfg))
         rng = np.random.default_rng(0)
-        pre_params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in traverse_util.flatten_dict(abstract).items()}
+        flat = traverse_util.flatten_dict(abstract)
+        pre_params = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in flat.items()}
         sd = convert.flax_to_torch(traverse_util.unflatten_dict(pre_params), pre_cfg)
         params, report = convert.pretrain_to_finetune(sd, model_config(ft_cfg))
         assert set(report["initialised"]) <= {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}, init
