@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from facemae_jax import naming
 from facemae_jax.models import registry
 
 TINY = dict(num_frames=8, img_size=16, patch_size=4, embed_dim=16, num_heads=2, stage_depths=(1, 2, 1),
@@ -45,12 +45,12 @@ def _model(**kw):
     model = registry.create_model(cfg)
     rng = np.random.default_rng(1)
     flat = {}
-    for k, v in naming.flatten(registry.abstract_params(model)):
+    for k, v in sorted(flatten_dict(registry.abstract_params(model)).items()):
         x = 0.3 * rng.standard_normal(v.shape)
         flat[k] = (x + 1.0 if k[-1] == "scale" else x).astype(np.float32)
     video, mask = registry.example_inputs(cfg, batch=2)
     video = rng.standard_normal(video.shape).astype(np.float32)
-    return cfg, model, naming.unflatten(flat), video, mask
+    return cfg, model, unflatten_dict(flat), video, mask
 
 
 @functools.cache
@@ -66,7 +66,7 @@ def _run(corrected: bool):
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (_, (_, feats)), grads = step(params)
-    g = {".".join(k): float(np.abs(np.asarray(v)).max()) for k, v in naming.flatten(grads["encoder"])}
+    g = {".".join(k): float(np.abs(np.asarray(v)).max()) for k, v in flatten_dict(grads["encoder"]).items()}
     return cfg, params, video, mask, np.asarray(feats), g, step
 
 
@@ -220,9 +220,9 @@ def test_faithful_svfap_gradients_miss_exactly_the_q4_path():
 def test_the_structural_zero_is_the_softmax_shift():
     """The bottleneck logits' per-K bias drops out of a softmax over the P tokens: adding to it changes nothing."""
     _, params, _, _, _, _, step = _run(True)
-    flat = dict(naming.flatten(params))
+    flat = flatten_dict(params)
     key = ("encoder", "spatial_downsamples_0", "mlp", "fc2", "bias")
     flat[key] = flat[key] + 5.0
-    (_, (shifted, _)), _ = step(naming.unflatten(flat))
+    (_, (shifted, _)), _ = step(unflatten_dict(flat))
     (_, (pred, _)), _ = step(params)
     np.testing.assert_allclose(np.asarray(shifted), np.asarray(pred), atol=1e-5)
