@@ -213,15 +213,14 @@ def _to_numpy(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def read_state_dict(path: str, *, model: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], str]:
+def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
     """Any source -> (float32 state dict with the official torch names, where it came from). Directories and run
-    dirs carry their own config; an official file is read as is (``model`` is not needed to read it)."""
+    dirs carry their own config; an official file is read as is (no model name is needed to read it)."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        loaded = load_model(path, model=model)
+        loaded = load_model(path)
         return convert.flax_to_torch(loaded.params, loaded.cfg), loaded.source
     from facemae_jax import torch_io
 

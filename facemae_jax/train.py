@@ -371,9 +371,9 @@ def export(workdir, params, task: tasks.Task, info, step) -> None:
 
 def run_eval_only(config, workdir: str, checkpoint: str | None) -> dict[str, Any]:
     """``--mode=eval --checkpoint=X``: X is any source :mod:`facemae_jax.loading` reads (default: this workdir)."""
-    path = checkpoint or workdir
-    is_file = not os.path.isdir(os.path.abspath(os.path.expanduser(path)))
-    loaded = loading.load_model(os.path.abspath(os.path.expanduser(path)), model=config.model.name,
+    path = os.path.abspath(os.path.expanduser(checkpoint or workdir))
+    is_file = not os.path.isdir(path)
+    loaded = loading.load_model(path, model=config.model.name,
                                 overrides=dict(config.model.overrides) if is_file else None)
     task = tasks.for_config(config, loaded.cfg)
     model = registry.create_model(loaded.cfg)

@@ -39,8 +39,7 @@ def _batch(cfg, mode, n=8, seed=0):
     if mode == "pretrain":
         from facemae_jax import masking
 
-        gen = masking.make_mask_generator("tube_window", grid=cfg.grid, mask_ratio=cfg.mask_ratio,
-                                          window=cfg.region_size[1:])
+        gen = masking.MaskGenerator.for_model(cfg)
         return {"video": video, "mask": np.stack([gen(rng) for _ in range(n)])}
     return {"video": video, "label": rng.integers(0, cfg.num_classes, n).astype(np.int32),
             "erase_box": np.zeros((n, 4), np.int32)}
