@@ -181,7 +181,9 @@ def analyse_job(workdir: str, clips: int, seed: int) -> dict:
     res = analyse(model, cfg, loaded.params, batch, frame_diff=p["frame_diff"], diff_weight=p.get("diff_weight"))
     res.update(workdir=workdir, steps=job["config"]["optim"]["total_steps"], clips=clips, batch_seed=seed,
                options=dict(svfap_reverse_ctx=cfg.svfap_reverse_ctx, svfap_upsample=cfg.svfap_upsample),
-               final_train_loss_vs_zero=job.get("final_loss_vs_zero"))
+               pretraining=dict(wall_s=job.get("wall_s"), cpu_s=job.get("cpu_s"),
+                                final_train_loss_vs_zero=job.get("final_loss_vs_zero"),
+                                eval_recon_loss_vs_zero=job["result"].get("recon_loss_vs_zero")))
     return res
 
 
