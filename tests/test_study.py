@@ -144,6 +144,8 @@ def test_issue19_arms_are_configuration_and_differ_only_in_what_they_test():
         assert a.to_dict() == b.to_dict() and a.model.name == "vit_tiny_finetune"
     # a reduced pre-training budget is in the job names, so a finished 600-step job never stands in for 2,500
     assert "pre/vit_p600" in _names(study.plan([0], 600, 10, 10, ["vit"]))
+    pilot = set(_names(study.plan([0], 2500, 10, 10, ["motion"], motion_pre_steps=1200)))
+    assert {"pre/moving_lgi_p1200", "ft/moving_lgi_p1200_pretrained/s0", "ft/moving_lgi_scratch/s0"} <= pilot
     # Motion ablation: on the posed_moving data, same steps, only the target differs.
     m, m_app = by_name["pre/moving_lgi"], by_name["pre/moving_lgi_appearance_only"]
     assert m.data.synthetic.scenario == "posed_moving" and m.data.dir.endswith("synthetic_faces_posed_moving")
