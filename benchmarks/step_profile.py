@@ -93,7 +93,7 @@ class HloIndex:
             return "(no metadata)"
         op = m.group(1).split(";")[0]
         phase = "bwd" if "transpose(jvp(" in op else "fwd" if "jvp(" in op else "step"
-        op = re.sub(r"\d+", "*", re.sub(r"^jit\([^)]*\)/", "", op))
+        op = re.sub(r"_\d+(?=/|$)", "_*", re.sub(r"^jit\([^)]*\)/", "", op))  # blocks_3 -> blocks_*, not fc1
         op = re.sub(r"(transpose\()?jvp\([^)]*\)\)?/?", "", op)
         parts = [p for p in op.split("/") if p and not p.startswith(("jit(", "vmap(", "while", "body", "closed_call"))]
         return f"{phase}: " + "/".join(parts[-3:])
@@ -122,14 +122,8 @@ def profile(case: str, *, tiny: bool, batch: int, overrides: dict, repeats: int,
                                                    remat="none", overrides=overrides)
     compiled = step.lower(state, data).compile()
     hlo = HloIndex(compiled.as_text())
-    state, m = compiled(state, data)
-    jax.block_until_ready(m)
-    gemm, walls = [train_step.gemm_flops_per_s()], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, m = compiled(state, data)
-        jax.block_until_ready(m)
-        walls.append(time.perf_counter() - t)
+    gemm = [train_step.gemm_flops_per_s()]
+    state, _, walls = train_step.time_steps(compiled, state, data, repeats)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         t = time.perf_counter()

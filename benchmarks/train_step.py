@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,19 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     return jax.jit(task.train_step(model, tx), donate_argnums=0), state, data, cfg
 
 
+def time_steps(compiled, state, data, repeats: int) -> tuple[Any, dict, list[float]]:
+    """One warm-up call, then ``repeats`` timed calls of the compiled (donating) step -> (state, metrics, seconds)."""
+    state, m = compiled(state, data)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        state, m = compiled(state, data)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return state, m, times
+
+
 def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,
           gemm: float | None, overrides: dict | None = None) -> dict:
     step, state, data, cfg = build_step(case, batch, tiny=tiny, dtype=dtype, attention_impl=attention_impl,
@@ -105,14 +119,7 @@ def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attent
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     mem = compiled.memory_analysis()
-    state, m = compiled(state, data)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, m = compiled(state, data)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+    state, m, times = time_steps(compiled, state, data, repeats)
     med = statistics.median(times)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)

@@ -58,3 +58,15 @@ def test_profile_of_the_tiny_step_accounts_for_the_matmuls(tmp_path):
     scopes = {m["scope"] for m in res["matmuls"]}
     assert any("mlp" in s for s in scopes) and any(s.startswith("bwd:") for s in scopes)
     assert "slowest matmuls" in r.stdout
+
+
+def test_scope_folds_indices_but_keeps_layer_names():
+    index = step_profile.HloIndex(
+        '  %a = f32[2]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(step)/transpose(jvp(LGIClassifier))'
+        '/LGIClassifier.encode/blocks_3/mlp/fc1/dot_general"}\n'
+        '  %b = f32[2]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(step)/jvp(LGIClassifier)'
+        '/LGIClassifier.encode/blocks_12/DropPath_0/div"}\n'
+        '  %c = f32[2]{0} add(%p, %p), metadata={op_name="jit(step)/add"}\n')
+    assert index.scope("a") == "bwd: mlp/fc1/dot_general"  # fc1 stays fc1 (fc2 is another row)
+    assert index.scope("b") == "fwd: blocks_*/DropPath_*/div"
+    assert index.scope("c") == "step: add"
