@@ -170,7 +170,7 @@ def profile(case: str, *, tiny: bool, batch: int, overrides: dict, repeats: int,
 
 
 def main(argv=None) -> int:
-    from facemae_jax import convert
+    from facemae_jax import convert, host_memory
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", default="lgi_finetune", choices=list(train_step.CASES))
@@ -180,7 +180,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host-malloc", default=None, choices=["auto", "keep", "default"],
+                    help="host_memory.keep_freed_memory mode, as launch.py applies it (default: "
+                         "$FACEMAE_HOST_MALLOC or auto = on CPU hosts)")
     args = ap.parse_args(argv)
+    host_malloc_kept = host_memory.keep_freed_memory(args.host_malloc)  # before the backend starts its threads
     jax.config.update("jax_default_matmul_precision", "highest")
     if jax.default_backend() != "cpu":
         print("step_profile attributes XLA:CPU thunks; on this backend use jax.profiler with TensorBoard/XProf",
@@ -202,6 +206,7 @@ def main(argv=None) -> int:
     for row in r["other"][:args.top]:
         print(f"    {row['ms']:8.1f} ms x{row['count']:<4} {row['scope']}")
     r["meta"] = {"jax": jax.__version__, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+                 "host_malloc_kept": host_malloc_kept,
                  "command": "python -m benchmarks.step_profile " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.out:
         with open(args.out, "w") as f:

@@ -66,9 +66,9 @@ def gemm_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,
-               overrides: dict | None = None):
-    """-> (jitted step, state, batch, model config): the trainer's step for the case's job config."""
+def build_model_and_optimizer(case: str, batch: int, *, tiny: bool = False, dtype: str = "float32",
+                              attention_impl: str = "xla", remat: str = "none", overrides: dict | None = None):
+    """-> (model, model config, task, optimiser) of the case's job config, as the trainer builds them."""
     import importlib
 
     from facemae_jax import tasks, train
@@ -82,6 +82,16 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     model = registry.create_model(cfg)
     task = tasks.for_config(config, cfg)
     tx, _, _, _ = train.schedule_and_optimizer(task, registry.abstract_params(model), 1000, batch)
+    return model, cfg, task, tx
+
+
+def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,
+               overrides: dict | None = None):
+    """-> (jitted step, state, batch, model config): the trainer's step for the case's job config."""
+    from facemae_jax.models import registry
+
+    model, cfg, task, tx = build_model_and_optimizer(case, batch, tiny=tiny, dtype=dtype,
+                                                     attention_impl=attention_impl, remat=remat, overrides=overrides)
     params = registry.init_params(registry.create_model(cfg.replace(attention_impl="xla")), jax.random.key(0))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     rng = np.random.default_rng(0)
@@ -144,7 +154,7 @@ def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attent
 
 
 def main(argv=None) -> int:
-    from facemae_jax import convert
+    from facemae_jax import convert, host_memory
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -157,7 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                     help="ModelConfig field to change (repeatable), e.g. depth=4 to measure compile time per block")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host-malloc", default=None, choices=["auto", "keep", "default"],
+                    help="host_memory.keep_freed_memory mode, as launch.py applies it (default: "
+                         "$FACEMAE_HOST_MALLOC or auto = on CPU hosts)")
     args = ap.parse_args(argv)
+    host_malloc_kept = host_memory.keep_freed_memory(args.host_malloc)  # before the backend starts its threads
     jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else "default")
     on_cpu = jax.default_backend() == "cpu"
     gemm_before = gemm_flops_per_s() if on_cpu else None
@@ -178,7 +192,7 @@ def main(argv=None) -> int:
     meta = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "jax": jax.__version__, "gemm_1024_flops_per_s": [gemm_before, gemm_after],
-            "load_average": os.getloadavg(),
+            "load_average": os.getloadavg(), "host_malloc_kept": host_malloc_kept,
             "command": "python -m benchmarks.train_step " + " ".join(sys.argv[1:] if argv is None else argv)}
     if on_cpu:
         print(f"GEMM 1024^2 float32: {gemm_before / 1e9:.0f} GFLOP/s before, {gemm_after / 1e9:.0f} after", flush=True)
