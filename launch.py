@@ -27,11 +27,6 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from facemae_jax import host_memory
-
-# Before jax, numpy or grain start a thread: glibc fixes each thread's malloc arena at its first allocation.
-host_memory.keep_freed_memory()
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:arg])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: workdirs/<config name>)")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if a checkpoint exists) or eval")
@@ -162,4 +157,9 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from facemae_jax import host_memory
+
+    # Before jax, numpy or grain start a thread (glibc fixes each thread's malloc arena at its first allocation);
+    # as a script only, so that importing this module (tests) leaves the importing process's malloc alone.
+    host_memory.keep_freed_memory()
     app.run(main)

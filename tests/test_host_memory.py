@@ -55,3 +55,16 @@ def test_modes(monkeypatch):
     monkeypatch.setenv(host_memory.ENV, "sometimes")
     with pytest.raises(ValueError, match="FACEMAE_HOST_MALLOC='sometimes'"):
         host_memory.keep_freed_memory()
+
+
+def test_launch_applies_it_at_start(tmp_path):
+    """launch.py reads the setting before anything else (a bad value fails at once, before flags or jax)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FACEMAE_HOST_MALLOC="sometimes")
+    r = subprocess.run([sys.executable, os.path.join(root, "launch.py"), "--config=configs/smoke.py",
+                        f"--workdir={tmp_path}"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "FACEMAE_HOST_MALLOC='sometimes': expected auto, keep or default" in r.stderr
+    assert not os.listdir(tmp_path)
