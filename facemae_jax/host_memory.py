@@ -8,7 +8,7 @@ fine-tuning step on a 2-core machine (``getrusage``; the block comes from an XLA
 malloc arena falls back to ``mmap`` for blocks over its 64 MB heap whatever ``M_MMAP_MAX`` says). With every thread
 on the main arena (``M_ARENA_MAX=1``), no ``mmap`` (``M_MMAP_MAX=0``) and no trimming (``M_TRIM_THRESHOLD`` = max),
 the freed block stays in the heap and the next step reuses it: zero minor faults per step after the first, and the
-fine-tuning step 4-7% faster (README, "Step benchmark").
+base steps 6-8% faster (``benchmarks/host_malloc_ab.py``; README, "Host memory on CPU").
 
 The cost is that the process keeps its peak heap instead of returning it to the system, which is what a training
 loop reaches anyway. It is applied by ``launch.py`` before anything starts a thread (glibc fixes each thread's arena
