@@ -75,6 +75,17 @@ def _torch_gemm(torch, n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def _backward_and_step(torch, model, optimizer, loss) -> tuple[float, float]:
+    """The reference loss scaler's part of the step (fp32, no clipping): backward, the gradient norm it computes and
+    logs (``utils.get_grad_norm_``), ``optimizer.step()``."""
+    optimizer.zero_grad()
+    loss.backward()
+    norm = torch.norm(torch.stack([torch.norm(p.grad.detach(), 2) for p in model.parameters() if p.grad is not None]),
+                      2)
+    optimizer.step()
+    return loss.item(), norm.item()
+
+
 def _reference_finetune(ref, torch, cfg, batch: int):
     """Model, optimiser and step function exactly as run_class_finetuning.py / engine_for_finetuning.py build them."""
     from timm.loss import SoftTargetCrossEntropy
@@ -99,13 +110,7 @@ def _reference_finetune(ref, torch, cfg, batch: int):
 
     def step(video, label, mask=None):
         samples, targets = mixup_fn(video, label)
-        loss = criterion(model(samples), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        norm = torch.norm(torch.stack([torch.norm(p.grad.detach(), 2) for p in model.parameters()
-                                       if p.grad is not None]), 2)
-        optimizer.step()
-        return loss.item(), norm.item()
+        return _backward_and_step(torch, model, optimizer, criterion(model(samples), targets))
 
     return model, step, optimizer
 
@@ -140,13 +145,7 @@ def _reference_pretrain(ref, torch, cfg, batch: int):
             vp = rearrange(diff, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2 c)", t=t_, h=h_, w=w_, p0=2, p1=p,
                            p2=p)
             labels = vp[mask].reshape(vp.shape[0], -1, vp.shape[-1])
-        loss = torch.nn.functional.mse_loss(model(video, mask), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        gnorm = torch.norm(torch.stack([torch.norm(q.grad.detach(), 2) for q in model.parameters()
-                                        if q.grad is not None]), 2)
-        optimizer.step()
-        return loss.item(), gnorm.item()
+        return _backward_and_step(torch, model, optimizer, torch.nn.functional.mse_loss(model(video, mask), labels))
 
     return model, step, optimizer
 
