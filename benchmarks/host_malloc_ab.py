@@ -5,8 +5,9 @@ the freed-temporaries-kept one, in two worker processes called in turn.
 
 The setting has to be made before a process starts its threads, so the two variants cannot share a process; timed
 minutes apart in separate runs, they would differ by this machine's drift (its GEMM moves by 10-50% within minutes).
-Here each round times one step of each, so the drift hits both. Same weights (the case's initialisation), same
-batch, same compiled step; also reported: each side's minor page faults and system CPU time per step.
+Here each round times one step of each, so the drift hits both. Same batch, same compiled step (each worker
+initialises the case's parameters with the same seed); also reported: each side's minor page faults and system CPU
+time per step.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
-
-import numpy as np
 
 from benchmarks import torch_reference_step as trs
 from benchmarks import train_step
@@ -47,27 +45,20 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    import jax
+    import jax  # the version only: the steps run in the workers
 
-    from facemae_jax.convert import flax_to_torch
-    from facemae_jax.models import registry
-
-    model, cfg, _, _ = train_step.build_model_and_optimizer(args.case, args.batch)
     ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "weights.npz")
-        np.savez(weights, **flax_to_torch(jax.device_get(registry.init_params(model, jax.random.key(0))), cfg))
-        workers = {}
-        for mode in MODES:  # the child reads the mode from its environment at start
-            os.environ["FACEMAE_HOST_MALLOC"] = mode
-            workers[mode] = trs._Worker(ctx, _CountingJaxSide, (args.case, args.batch, weights), f"host malloc {mode}")
-        calls = {m: [] for m in MODES}
-        for _ in range(args.rounds):
-            for mode, worker in workers.items():
-                time.sleep(trs.PAUSE_S)
-                calls[mode].append(worker("step"))
-        for worker in workers.values():
-            worker.stop()
+    workers = {}
+    for mode in MODES:  # the child reads the mode from its environment at start; both init with the same seed
+        os.environ["FACEMAE_HOST_MALLOC"] = mode
+        workers[mode] = trs._Worker(ctx, _CountingJaxSide, (args.case, args.batch), f"host malloc {mode}")
+    calls = {m: [] for m in MODES}
+    for _ in range(args.rounds):
+        for mode, worker in workers.items():
+            time.sleep(trs.PAUSE_S)
+            calls[mode].append(worker("step"))
+    for worker in workers.values():
+        worker.stop()
     row = {"case": args.case, "batch": args.batch, "rounds": args.rounds}
     for mode in MODES:
         row[mode] = {"step_s": [c[0] for c in calls[mode]], "minor_faults": [c[2] for c in calls[mode]],

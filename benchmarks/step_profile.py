@@ -118,8 +118,8 @@ def thunk_times(trace_dir: str) -> collections.Counter:
 
 
 def profile(case: str, *, tiny: bool, batch: int, overrides: dict, repeats: int, top: int) -> dict:
-    step, state, data, cfg = train_step.build_step(case, batch, tiny=tiny, dtype="float32", attention_impl="xla",
-                                                   remat="none", overrides=overrides)
+    step, state, data, _, _ = train_step.build_step(case, batch, tiny=tiny, dtype="float32", attention_impl="xla",
+                                                    remat="none", overrides=overrides)
     compiled = step.lower(state, data).compile()
     hlo = HloIndex(compiled.as_text())
     gemm = [train_step.gemm_flops_per_s()]

@@ -160,13 +160,13 @@ class _TorchSide:
         import torch
 
         from benchmarks import train_step
+        from facemae_jax.models import registry
 
         torch.set_num_threads(os.cpu_count())
         torch.manual_seed(0)
         self.torch = torch
         ref = _import_reference(reference_repo)
-        # only the model config (shapes, depth, regions) of the case; no jax computation runs here
-        cfg = train_step.build_model_and_optimizer(case, batch)[1]
+        cfg = registry.get_config(train_step.CASES[case][0])  # only the case's shapes, depth and regions
         build = _reference_finetune if cfg.mode == "finetune" else _reference_pretrain
         self.model, self.step_fn, self.optimizer = build(ref, torch, cfg, batch)
         np.savez(weights_path, **{k: v.detach().numpy() for k, v in self.model.state_dict().items()})
@@ -198,47 +198,47 @@ class _TorchSide:
 
 
 class _JaxSide:
-    """The trainer's step (benchmarks.train_step.build_step) with the reference model's weights."""
+    """The trainer's step (benchmarks.train_step.build_step), with the reference model's weights when given (else
+    the step's own initialisation)."""
 
-    def __init__(self, case: str, batch: int, weights_path: str):
+    def __init__(self, case: str, batch: int, weights_path: str | None = None):
         from facemae_jax import host_memory
 
         self.host_malloc_kept = host_memory.keep_freed_memory()  # as launch.py does, before jax starts threads
         import jax
-        import jax.numpy as jnp
 
         from benchmarks import train_step
-        from facemae_jax import steps
         from facemae_jax.convert import torch_to_flax
-        from facemae_jax.models import registry
-        from facemae_jax.targets import normalize_video
 
         jax.config.update("jax_default_matmul_precision", "highest")
         self.jax, self.train_step = jax, train_step
-        step, state, self.data, cfg = train_step.build_step(case, batch, tiny=False, dtype="float32",
-                                                            attention_impl="xla", remat="none")
-        with np.load(weights_path) as z:
-            params, _ = torch_to_flax({k: z[k] for k in z.files}, cfg, source=weights_path)
-        params = jax.tree.map(jnp.asarray, params)
-        self.parameters = registry.count_params(params)
-        self.state = {"params": params, "opt_state": state["opt_state"], "step": state["step"]}
-        del state
-        self.video = np.asarray(normalize_video(jnp.asarray(self.data["video"])))  # what the model sees
-        model = registry.create_model(cfg)
-        args = (self.video,) if cfg.mode == "finetune" else (self.video, self.data["mask"])
-        self.forward = np.asarray(jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *args))
+        step, self.state, self.data, self.cfg, self.tx = train_step.build_step(case, batch, tiny=False,
+                                                                              dtype="float32", attention_impl="xla",
+                                                                              remat="none")
+        if weights_path is not None:
+            with np.load(weights_path) as z:
+                params, _ = torch_to_flax({k: z[k] for k in z.files}, self.cfg, source=weights_path)
+            self.state["params"] = jax.tree.map(jax.numpy.asarray, params)
+            self.forward = self._forward()  # of the given weights, before any step changes them
         self.compiled = step.lower(self.state, self.data).compile()
-        self.flops = float(self.compiled.cost_analysis()["flops"])
-        tx = train_step.build_model_and_optimizer(case, batch)[3]
-        grads = jax.tree.map(lambda p: p * 1e-3, params)
-        finish = jax.jit(lambda st, g: steps._finish(st, g, jnp.float32(1.0), tx, {}), donate_argnums=0)
-        self.finish, self.grads = finish.lower(self.state, grads).compile(), grads
         self.step()  # warm-up
 
+    def _forward(self):
+        from facemae_jax.models import registry
+        from facemae_jax.targets import normalize_video
+
+        self.video = np.asarray(normalize_video(self.jax.numpy.asarray(self.data["video"])))  # what the model sees
+        model = registry.create_model(self.cfg)
+        args = (self.video,) if self.cfg.mode == "finetune" else (self.video, self.data["mask"])
+        return np.asarray(self.jax.jit(lambda p, *a: model.apply({"params": p}, *a))(self.state["params"], *args))
+
     def info(self):
+        """What the other side needs (the model's input, mask, labels) and the eval-mode forward to compare with."""
+        from facemae_jax.models import registry
+
         return {"video": self.video, "mask": self.data.get("mask"), "label": self.data.get("label"),
-                "forward": self.forward, "flops": self.flops, "parameters": self.parameters,
-                "host_malloc_kept": self.host_malloc_kept}
+                "forward": self.forward, "flops": float(self.compiled.cost_analysis()["flops"]),
+                "parameters": registry.count_params(self.state["params"]), "host_malloc_kept": self.host_malloc_kept}
 
     def gemm(self):
         return self.train_step.gemm_flops_per_s()
@@ -250,7 +250,16 @@ class _JaxSide:
         return time.perf_counter() - t0, float(m["loss"])
 
     def optimizer_only(self):
-        """The step's optimiser update + non-finite guard (steps._finish) alone, on fixed gradients."""
+        """The step's optimiser update + non-finite guard (steps._finish) alone, on fixed gradients (compiled at the
+        first call, which is the warm-up)."""
+        if not hasattr(self, "finish"):
+            from facemae_jax import steps
+
+            jnp = self.jax.numpy
+            self.grads = self.jax.tree.map(lambda p: p * 1e-3, self.state["params"])
+            finish = self.jax.jit(lambda st, g: steps._finish(st, g, jnp.float32(1.0), self.tx, {}),
+                                  donate_argnums=0)
+            self.finish = finish.lower(self.state, self.grads).compile()
         t0 = time.perf_counter()
         self.state, m = self.finish(self.state, self.grads)
         self.jax.block_until_ready((self.state, m))
@@ -322,6 +331,8 @@ def compare_case(case: str, reference_repo: str, batch: int, rounds: int, refere
             t_j.append(tj)
             t_t.append(tt)
             losses.append((loss_j, loss_t))
+        ours("optimizer_only")  # warm-up (compiles it)
+        ref("optimizer_only")
         for _ in range(rounds):
             time.sleep(PAUSE_S)
             o_j.append(ours("optimizer_only"))

@@ -87,7 +87,7 @@ def build_model_and_optimizer(case: str, batch: int, *, tiny: bool = False, dtyp
 
 def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl: str, remat: str,
                overrides: dict | None = None):
-    """-> (jitted step, state, batch, model config): the trainer's step for the case's job config."""
+    """-> (jitted step, state, batch, model config, optimiser): the trainer's step for the case's job config."""
     from facemae_jax.models import registry
 
     model, cfg, task, tx = build_model_and_optimizer(case, batch, tiny=tiny, dtype=dtype,
@@ -102,7 +102,7 @@ def build_step(case: str, batch: int, *, tiny: bool, dtype: str, attention_impl:
     else:
         data["label"] = rng.integers(0, cfg.num_classes, (batch,), dtype=np.int32)
         data["erase_box"] = np.tile(np.array([[20, 30, 40, 50]], np.int32), (batch, 1))
-    return jax.jit(task.train_step(model, tx), donate_argnums=0), state, data, cfg
+    return jax.jit(task.train_step(model, tx), donate_argnums=0), state, data, cfg, tx
 
 
 def time_steps(compiled, state, data, repeats: int) -> tuple[Any, dict, list[float]]:
@@ -122,8 +122,8 @@ def bench(case: str, batch: int, repeats: int, *, tiny: bool, dtype: str, attent
           gemm: float | None, overrides: dict | None = None) -> dict:
     """One case's row. ``gemm`` (None = no utilisation figure): the run's GEMM FLOP/s; on CPU the row uses the mean
     of two GEMMs measured right before and after its own timed steps instead, and records both."""
-    step, state, data, cfg = build_step(case, batch, tiny=tiny, dtype=dtype, attention_impl=attention_impl,
-                                        remat=remat, overrides=overrides)
+    step, state, data, cfg, _ = build_step(case, batch, tiny=tiny, dtype=dtype, attention_impl=attention_impl,
+                                           remat=remat, overrides=overrides)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
