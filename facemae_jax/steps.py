@@ -3,9 +3,13 @@
 State is a plain dict ``{"params", "opt_state", "step"}`` (orbax saves it as is). Each training step derives its
 random key from ``(seed, step)``, so a resumed run draws exactly the keys an uninterrupted one would.
 
-A non-finite loss, gradient or update does not corrupt the state: the update is skipped inside the step (params and
-optimiser state stay as they were) and ``metrics["finite"]`` is False; the trainer stops with a message at the next
-check, so the last saved checkpoint and the state in memory are both the last good ones.
+A non-finite loss, gradient or update does not corrupt the parameters: ``metrics["finite"]`` is False and the trainer
+stops with a message at the next check, before anything is saved, so the last checkpoint and the parameters in memory
+are the last good ones. A non-finite loss or gradient skips the whole update (``lax.cond``: params and optimiser
+state stay as they were, no work is done). A finite gradient whose update overflows (far too high a learning rate)
+keeps the params; the optimiser state of that step is kept (Adam's moments are averages of finite gradients, so
+finite) - reverting it too would need a second copy of both moments and a pass over them, 0.15-0.2 s of a base
+fine-tuning step on CPU, for a state that is never saved.
 """
 
 from __future__ import annotations
@@ -22,17 +26,23 @@ from facemae_jax.models.mae import num_visible_tokens, split_mask
 
 
 def _finish(state: dict, grads: Any, loss: jax.Array, tx: optax.GradientTransformation, extra: dict) -> tuple:
-    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.global_norm(grads)
-    # a finite loss can still produce an overflowing update (too high a learning rate): skip that too
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = {
-        "params": keep(new_params, state["params"]),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "step": state["step"] + 1,
-    }
+    inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update():
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        # a finite gradient can still give an overflowing update (too high a learning rate): keep the params then.
+        # The select fuses into the parameter update itself (the updates are materialised for their norm anyway).
+        finite = jnp.isfinite(optax.global_norm(updates))
+        new_params = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                            optax.apply_updates(state["params"], updates), state["params"])
+        return new_params, new_opt, finite
+
+    def skip():
+        return state["params"], state["opt_state"], jnp.zeros((), bool)
+
+    params, opt_state, finite = jax.lax.cond(inputs_finite, update, skip)
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **extra}
     return new_state, metrics
 

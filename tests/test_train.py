@@ -160,6 +160,43 @@ def test_non_finite_update_is_skipped():
         np.testing.assert_array_equal(a, b)
 
 
+
+def _adam_state():
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    tx = optax.adamw(1e-2, weight_decay=0.05)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    # one ordinary step first, so the moments are non-zero and a wrong update of them would show
+    grads = jax.tree_util.tree_map(lambda p: 0.1 * p + 0.3, params)
+    state, m = steps._finish(state, grads, jnp.float32(1.0), tx, {})
+    assert bool(m["finite"])
+    return state, tx, grads
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_non_finite_loss_or_gradient_leaves_params_and_optimizer_state_unchanged(bad):
+    state, tx, grads = _adam_state()
+    loss = jnp.float32(jnp.nan if bad == "loss" else 1.0)
+    if bad == "gradient":
+        grads = {"w": grads["w"].at[0, 1].set(jnp.inf), "b": grads["b"]}
+    new, m = jax.jit(lambda s, g, x: steps._finish(s, g, x, tx, {}))(state, grads, loss)
+    assert not bool(m["finite"]) and int(new["step"]) == int(state["step"]) + 1
+    for a, b in zip(jax.tree_util.tree_leaves((new["params"], new["opt_state"])),
+                    jax.tree_util.tree_leaves((state["params"], state["opt_state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_overflowing_adam_update_keeps_the_params_and_reports_it():
+    state, _, grads = _adam_state()
+    tx = optax.adamw(1e38, weight_decay=0.0)  # finite gradients, an update far beyond float32
+    state["opt_state"] = tx.init(state["params"])
+    new, m = steps._finish(state, grads, jnp.float32(1.0), tx, {})
+    assert not bool(m["finite"]) and np.isfinite(float(m["grad_norm"]))
+    for a, b in zip(jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the moments of that step are kept (documented in steps.py): finite averages of finite gradients
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(new["opt_state"]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End-to-end through launch.py on a tiny synthetic dataset
 # ---------------------------------------------------------------------------------------------------------------
