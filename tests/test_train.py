@@ -160,7 +160,6 @@ def test_non_finite_update_is_skipped():
         np.testing.assert_array_equal(a, b)
 
 
-
 def _adam_state():
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
     tx = optax.adamw(1e-2, weight_decay=0.05)
@@ -180,9 +179,7 @@ def test_non_finite_loss_or_gradient_leaves_params_and_optimizer_state_unchanged
         grads = {"w": grads["w"].at[0, 1].set(jnp.inf), "b": grads["b"]}
     new, m = jax.jit(lambda s, g, x: steps._finish(s, g, x, tx, {}))(state, grads, loss)
     assert not bool(m["finite"]) and int(new["step"]) == int(state["step"]) + 1
-    for a, b in zip(jax.tree_util.tree_leaves((new["params"], new["opt_state"])),
-                    jax.tree_util.tree_leaves((state["params"], state["opt_state"]))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal((new["params"], new["opt_state"]), (state["params"], state["opt_state"]))
 
 
 def test_overflowing_adam_update_keeps_the_params_and_reports_it():
@@ -191,8 +188,7 @@ def test_overflowing_adam_update_keeps_the_params_and_reports_it():
     state["opt_state"] = tx.init(state["params"])
     new, m = steps._finish(state, grads, jnp.float32(1.0), tx, {})
     assert not bool(m["finite"]) and np.isfinite(float(m["grad_norm"]))
-    for a, b in zip(jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(state["params"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(new["params"], state["params"])
     # the moments of that step are kept (documented in steps.py): finite averages of finite gradients
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(new["opt_state"]))
 
